@@ -1,0 +1,3 @@
+"""voiced: a voice-cloning speech daemon."""
+
+__version__ = "0.1.0"

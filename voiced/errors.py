@@ -1,0 +1,19 @@
+"""Exception types shared across the package (the bottom of the import graph)."""
+
+from __future__ import annotations
+
+
+class VoicedError(Exception):
+    """Base class for errors the daemon reports to users as one clear line."""
+
+
+class ConfigError(VoicedError):
+    """A configuration file or value is invalid."""
+
+
+class AudioError(VoicedError):
+    """A reference recording cannot be used; the message says why, for the voice's `error`."""
+
+
+class CacheError(VoicedError):
+    """The on-disk cache cannot be read or written."""
