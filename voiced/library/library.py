@@ -1,0 +1,689 @@
+"""The voice library: which recordings the folder holds, and their preparation.
+
+The library is the one place that decides a voice's state. The watcher tells it that a
+path changed (``sync_path``) and a start-up or overflow rescan tells it what the whole
+folder holds (``reconcile``); it looks at the file itself and decides. Preparation runs on
+one worker thread: hash -> speaker embedding -> each engine stage, every result stored in
+the cache under the file's content hash, so a renamed file, a restart or a second daemon
+reuse it. A file changed while it is being prepared bumps the voice's generation and the
+stale result is dropped, never published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as statmod
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import numpy as np
+
+from voiced.audio import load_audio
+from voiced.cache import Cache, FileRecord, sha256_file
+from voiced.config import VoicesConfig
+from voiced.embedding import embedding_kind
+from voiced.errors import AudioError, CacheError
+from voiced.library.voice import Voice, VoiceState, is_candidate, voice_name
+
+log = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    """What the library needs of a speaker encoder."""
+
+    model_id: str
+    version: str
+
+    def embed(self, wav: np.ndarray, *, preprocess: bool = True) -> np.ndarray: ...
+
+
+class StagedPreparer(Protocol):
+    """What the library needs of a synthesis engine: its voice preparation stages."""
+
+    name: str
+    version: str
+    stages: tuple[str, ...]
+
+    def prepare_voice(
+        self,
+        reference: np.ndarray,
+        embedding: np.ndarray,
+        *,
+        stage: str,
+        previous: Mapping[str, np.ndarray] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> Mapping[str, np.ndarray]: ...
+
+
+class PreparationInterrupted(Exception):
+    """A background stage gave way to more urgent work; it is queued again."""
+
+
+VoiceListener = Callable[[str, dict[str, Any]], None]
+"""Called with (event, voice dict); events: ``ready``, ``failed``, ``removed``, ``stage``."""
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    files: int
+    unchanged: int
+    """Files whose size, mtime and inode matched the cache's record: not re-hashed."""
+    ready: int
+    queued: int
+    removed: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: str
+    generation: int
+    background: bool = False
+
+
+class Library:
+    def __init__(
+        self,
+        config: VoicesConfig,
+        cache: Cache,
+        encoder: Embedder,
+        *,
+        engine: StagedPreparer | None = None,
+        preprocess: bool = True,
+        listeners: Iterable[VoiceListener] = (),
+    ) -> None:
+        self.config = config
+        self.root = Path(config.dir)
+        self.cache = cache
+        self.encoder = encoder
+        self.engine = engine
+        self.preprocess = preprocess
+        self.listeners: list[VoiceListener] = list(listeners)
+        self.encoder_producer = f"{encoder.model_id}@{encoder.version}"
+        self.embedding_kind = embedding_kind(preprocess, config.max_duration_s)
+        self.engine_producer = f"{engine.name}@{engine.version}" if engine else None
+
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._voices: dict[str, Voice] = {}
+        self._owner_of_name: dict[str, str] = {}
+        self._urgent: deque[_Job] = deque()
+        self._background: deque[_Job] = deque()
+        self._queued: set[tuple[str, bool]] = set()
+        self._work = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+        self._busy_path: str | None = None
+        self._root_real = os.path.realpath(self.root)
+        self._external_demand: Callable[[], bool] = lambda: False
+
+    # ------------------------------------------------------------------ queries
+
+    def voices(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [v.to_dict() for v in sorted(self._voices.values(), key=lambda v: v.name)]
+
+    def get(self, name: str) -> Voice | None:
+        """A copy of the voice called ``name`` (looked up, never joined onto a path)."""
+        with self._lock:
+            path = self._owner_of_name.get(name)
+            voice = self._voices.get(path) if path is not None else None
+            return replace(voice) if voice else None
+
+    def get_by_path(self, path: str) -> Voice | None:
+        with self._lock:
+            voice = self._voices.get(path)
+            return replace(voice) if voice else None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            out = {state.value: 0 for state in VoiceState}
+            for voice in self._voices.values():
+                out[voice.state.value] += 1
+            return out
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._urgent) + len(self._background) + (1 if self._busy_path else 0)
+
+    def embedding(self, name: str) -> np.ndarray | None:
+        """The speaker embedding of a ready voice (from the cache), or None."""
+        voice = self.get(name)
+        if voice is None or voice.sha256 is None or voice.state is not VoiceState.READY:
+            return None
+        arrays = self.cache.get(voice.sha256, self.encoder_producer, self.embedding_kind)
+        return None if arrays is None else arrays["embedding"]
+
+    def conditioning(self, name: str) -> tuple[str, Mapping[str, np.ndarray]] | None:
+        """(stage, arrays) of the most refined engine stage cached for a ready voice."""
+        voice = self.get(name)
+        if voice is None or voice.sha256 is None or self.engine is None or voice.stage is None:
+            return None
+        for stage in reversed(self.engine.stages[: self.engine.stages.index(voice.stage) + 1]):
+            arrays = self.cache.get(voice.sha256, self.engine_producer or "", stage)
+            if arrays is not None:
+                return stage, arrays
+        return None
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` holds (re-checked at every state change) or the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.5))
+            return True
+
+    def set_external_demand(self, demand: Callable[[], bool]) -> None:
+        """Background stages yield whenever ``demand()`` is true (e.g. synthesis requests queued)."""
+        self._external_demand = demand
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        with self._lock:
+            if self._worker is not None:
+                return
+            self._stopping = False
+            self._worker = threading.Thread(target=self._run_worker, name="voiced-prepare", daemon=True)
+            self._worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.join(timeout)
+            if worker.is_alive():
+                log.warning("preparation worker still busy after %.1fs; leaving it", timeout)
+
+    # ------------------------------------------------------------------ folder changes
+
+    def reconcile(self, *, recent_s: float = 0.0) -> tuple[ReconcileReport, list[str]]:
+        """Bring the library in line with the folder (start-up, overflow, periodic safety rescan).
+
+        Files whose size, mtime and inode match what the cache recorded are not re-hashed.
+        Returns the report and the paths modified within ``recent_s`` seconds, which may still be
+        being written: the caller hands those to its settle tracker instead.
+        """
+        started = time.monotonic()
+        found = self._walk()
+        records = self.cache.file_records()
+        now_ns = time.time_ns()
+        recent: list[str] = []
+        unchanged = ready = queued = 0
+        gone = [p for p in records if p not in found]
+        if gone:
+            self.cache.forget_files(gone)
+        with self._lock:
+            removed = [p for p in self._voices if p not in found]
+        for path in removed:
+            self._remove(path, reason="no longer in the folder")
+        for path, st in sorted(found.items()):
+            if recent_s and now_ns - st.st_mtime_ns < recent_s * 1e9:
+                recent.append(path)
+                continue
+            with self._lock:
+                current = self._voices.get(path)
+                if current is not None and _same_file(current, st) and current.state is not VoiceState.PENDING:
+                    unchanged += 1
+                    continue
+            record = records.get(path)
+            sha: str | None = None
+            if record is not None and (record.size, record.mtime_ns, record.inode) == (st.st_size, st.st_mtime_ns, st.st_ino):
+                sha = record.sha256
+                unchanged += 1
+            outcome = self._adopt(path, st, sha)
+            if outcome == "ready":
+                ready += 1
+            elif outcome == "queued":
+                queued += 1
+        report = ReconcileReport(
+            files=len(found),
+            unchanged=unchanged,
+            ready=ready,
+            queued=queued,
+            removed=len(removed) + len(gone),
+            seconds=time.monotonic() - started,
+        )
+        log.info(
+            "reconciled %d files in %.3fs: %d unchanged, %d ready from cache, %d queued, %d removed",
+            report.files, report.seconds, report.unchanged, report.ready, report.queued, report.removed,
+        )
+        return report, recent
+
+    def sync_path(self, path: str) -> None:
+        """Look at one relative path again: new, changed, or gone. Called once the file is complete."""
+        if not is_candidate(path, self.config.extensions):
+            return
+        full = self.root / path
+        try:
+            st = full.stat() if self.config.follow_symlinks else full.lstat()
+        except FileNotFoundError:
+            if not full.is_symlink():
+                self._remove(path, reason="deleted")
+                return
+            st = full.lstat()  # a dangling symlink: _adopt reports it
+        except OSError as exc:
+            log.warning("cannot stat %s: %s", path, exc)
+            return
+        with self._lock:
+            current = self._voices.get(path)
+            if current is not None and _same_file(current, st) and current.state is not VoiceState.FAILED:
+                return
+        self._adopt(path, st, self._known_sha(st))
+
+    def remove_tree(self, prefix: str) -> None:
+        """A folder left the voices folder (deleted or moved out): drop every voice below it."""
+        prefix = prefix.rstrip("/") + "/"
+        with self._lock:
+            paths = [p for p in self._voices if p.startswith(prefix)]
+        for path in paths:
+            self._remove(path, reason="folder removed")
+
+    def sync_tree(self, prefix: str) -> None:
+        """A folder arrived or changed: look at every file below it, and at voices no longer there."""
+        base = self.root / prefix
+        with self._lock:
+            known = [p for p in self._voices if p.startswith(prefix.rstrip("/") + "/")]
+        for path in known:
+            self.sync_path(path)
+        for path in self._walk(base).keys():
+            self.sync_path(path)
+
+    # ------------------------------------------------------------------ internals: bookkeeping
+
+    def _walk(self, base: Path | None = None) -> dict[str, os.stat_result]:
+        """Every candidate file below ``base`` (default: the folder), by relative path."""
+        found: dict[str, os.stat_result] = {}
+        start = base or self.root
+        root_str = str(self.root)
+        stack = [str(start)]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot list %s: %s", directory, exc)
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                rel = os.path.relpath(entry.path, root_str).replace(os.sep, "/")
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                        continue
+                    if not is_candidate(rel, self.config.extensions):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if statmod.S_ISLNK(st.st_mode) and self.config.follow_symlinks:
+                        try:
+                            st = entry.stat(follow_symlinks=True)
+                        except OSError:
+                            pass  # dangling: kept as the link's own stat, reported as failed
+                except OSError:
+                    continue
+                found[rel] = st
+        return found
+
+    def _known_sha(self, st: os.stat_result) -> str | None:
+        """The hash of a file we saw before under another name (a move keeps inode, size and mtime)."""
+        with self._lock:
+            for voice in self._voices.values():
+                if voice.sha256 and _same_file(voice, st):
+                    return voice.sha256
+        return None
+
+    def _adopt(self, path: str, st: os.stat_result, sha: str | None) -> str:
+        """Take a new or changed file in: ready at once if the cache has all it needs, else queue it."""
+        name = voice_name(path)
+        with self._lock:
+            owner = self._owner_of_name.get(name)
+            voice = self._voices.get(path)
+            if voice is None:
+                voice = Voice(path=path, name=name)
+                self._voices[path] = voice
+            voice.generation += 1
+            voice.size, voice.mtime_ns, voice.inode = st.st_size, st.st_mtime_ns, st.st_ino
+            voice.sha256, voice.error, voice.note, voice.stage = sha, None, None, None
+            voice.changed_at = time.monotonic()
+            if owner is not None and owner != path and owner in self._voices:
+                self._fail_locked(voice, f"voice name {name!r} is already taken by {owner}")
+                outcome = "failed"
+            else:
+                self._owner_of_name[name] = path
+                if sha is not None and self._ready_from_cache_locked(voice, sha):
+                    self._changed.notify_all()
+                    outcome = "ready"
+                else:
+                    voice.state = VoiceState.PENDING
+                    self._enqueue_locked(_Job(path, voice.generation))
+                    outcome = "queued"
+            event = voice.to_dict()
+        if outcome == "ready":
+            self._emit("ready", event)
+            self._queue_background_if_needed(path)
+        elif outcome == "failed":
+            self._emit("failed", event)
+        return outcome
+
+    def _ready_from_cache_locked(self, voice: Voice, sha: str) -> bool:
+        meta = self.cache.get_meta(sha, self.encoder_producer, self.embedding_kind)
+        if meta is None:
+            return False
+        stage = None
+        if self.engine is not None:
+            for candidate in self.engine.stages:
+                if self.cache.has(sha, self.engine_producer or "", candidate):
+                    stage = candidate
+            if stage is None:
+                return False
+        voice.state = VoiceState.READY
+        voice.stage = stage
+        voice.sha256 = sha
+        _apply_meta(voice, meta)
+        return True
+
+    def _queue_background_if_needed(self, path: str) -> None:
+        with self._lock:
+            voice = self._voices.get(path)
+            if voice is None or self.engine is None or voice.state is not VoiceState.READY:
+                return
+            if voice.stage != self.engine.stages[-1]:
+                self._enqueue_locked(_Job(path, voice.generation, background=True))
+
+    def _enqueue_locked(self, job: _Job) -> None:
+        key = (job.path, job.background)
+        if key in self._queued:
+            # the queued job will read the newest generation when it runs
+            return
+        self._queued.add(key)
+        (self._background if job.background else self._urgent).append(job)
+        self._work.notify_all()
+
+    def _remove(self, path: str, *, reason: str) -> None:
+        with self._lock:
+            voice = self._voices.pop(path, None)
+            if voice is None:
+                return
+            if self._owner_of_name.get(voice.name) == path:
+                del self._owner_of_name[voice.name]
+            # a file waiting for this name (same name, other extension) can have it now
+            contenders = [p for p, v in self._voices.items() if v.name == voice.name]
+            self._changed.notify_all()
+            event = voice.to_dict()
+        try:
+            self.cache.forget_file(path)
+        except CacheError as exc:
+            log.warning("cannot forget %s in the cache: %s", path, exc)
+        log.info("voice removed: %s (%s)", voice.name, reason, extra={"voice": voice.name})
+        self._emit("removed", event)
+        for contender in contenders:
+            self.sync_path(contender)
+
+    def _fail_locked(self, voice: Voice, reason: str) -> None:
+        voice.state = VoiceState.FAILED
+        voice.error = reason
+        voice.stage = None
+        self._changed.notify_all()
+
+    def _emit(self, event: str, voice: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, voice)
+            except Exception:  # a listener's bug must not stop preparation
+                log.exception("voice %s listener failed", event)
+
+    # ------------------------------------------------------------------ internals: the worker
+
+    def _run_worker(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._urgent and not self._background:
+                    self._work.wait()
+                if self._stopping:
+                    return
+                job = (self._urgent or self._background).popleft()
+                self._queued.discard((job.path, job.background))
+                self._busy_path = job.path
+            try:
+                if job.background:
+                    self._prepare_background(job.path)
+                else:
+                    self._prepare(job.path)
+            except Exception:  # keep the worker alive whatever one file does
+                log.exception("unexpected error preparing %s", job.path)
+                with self._lock:
+                    voice = self._voices.get(job.path)
+                    if voice is not None:
+                        self._fail_locked(voice, "internal error while preparing (see the daemon log)")
+            finally:
+                with self._lock:
+                    self._busy_path = None
+                    self._changed.notify_all()
+
+    def _snapshot(self, path: str) -> Voice | None:
+        with self._lock:
+            voice = self._voices.get(path)
+            return replace(voice) if voice else None
+
+    def _commit(self, path: str, generation: int, update: Callable[[Voice], None]) -> Voice | None:
+        """Apply ``update`` if the file did not change meanwhile; the updated copy, or None if stale."""
+        with self._lock:
+            voice = self._voices.get(path)
+            if voice is None or voice.generation != generation:
+                return None
+            update(voice)
+            self._changed.notify_all()
+            return replace(voice)
+
+    def _prepare(self, path: str) -> None:
+        snap = self._snapshot(path)
+        if snap is None:
+            return
+        gen = snap.generation
+        full = self.root / path
+        try:
+            self._check_path(full)
+            sha = snap.sha256 or sha256_file(full)
+            st = full.stat()
+        except FileNotFoundError:
+            log.info("%s disappeared while being read", path)
+            self.sync_path(path)
+            return
+        except PermissionError:
+            self._finish_failed(path, gen, "permission denied: the daemon cannot read this file")
+            return
+        except AudioError as exc:
+            self._finish_failed(path, gen, str(exc))
+            return
+        if snap.sha256 is None:
+            self._record(path, st, sha)
+
+        def hashed(voice: Voice) -> None:
+            voice.sha256 = sha
+
+        if self._commit(path, gen, hashed) is None:
+            return
+        with self._lock:
+            voice = self._voices.get(path)
+            if voice is not None and voice.generation == gen and self._ready_from_cache_locked(voice, sha):
+                event = voice.to_dict()
+                self._changed.notify_all()
+            else:
+                event = None
+        if event is not None:
+            log.info("voice ready: %s (from cache)", event["name"], extra={"voice": event["name"]})
+            self._emit("ready", event)
+            self._queue_background_if_needed(path)
+            return
+
+        self._commit(path, gen, lambda v: setattr(v, "state", VoiceState.PREPARING))
+        started = time.monotonic()
+        try:
+            audio = load_audio(full, max_duration_s=self.config.max_duration_s)
+            if audio.duration_s < self.config.min_duration_s:
+                raise AudioError(
+                    f"too short: {audio.duration_s:.2f}s, the minimum is {self.config.min_duration_s:g}s"
+                )
+            embedding = self.encoder.embed(audio.samples, preprocess=self.preprocess)
+        except FileNotFoundError:
+            log.info("%s disappeared while being read", path)
+            self.sync_path(path)
+            return
+        except AudioError as exc:
+            self._finish_failed(path, gen, str(exc))
+            return
+        meta = {
+            "duration_s": audio.source_duration_s,
+            "used_s": audio.duration_s,
+            "truncated": audio.truncated,
+            "sample_rate": audio.source_sample_rate,
+            "channels": audio.channels,
+        }
+        note = self._store(sha, self.encoder_producer, self.embedding_kind, {"embedding": embedding}, meta)
+        embed_s = time.monotonic() - started
+
+        stage = None
+        if self.engine is not None:
+            first = self.engine.stages[0]
+            try:
+                conditioning = self.engine.prepare_voice(
+                    audio.samples, embedding, stage=first, previous=None, should_stop=None
+                )
+            except AudioError as exc:
+                self._finish_failed(path, gen, str(exc))
+                return
+            note = self._store(sha, self.engine_producer or "", first, conditioning, {}) or note
+            stage = first
+
+        def ready(voice: Voice) -> None:
+            voice.state = VoiceState.READY
+            voice.stage = stage
+            _apply_meta(voice, meta)
+            if note:
+                voice.note = f"{voice.note}; {note}" if voice.note else note
+
+        done = self._commit(path, gen, ready)
+        if done is None:
+            log.info("%s changed while being prepared; result discarded", path)
+            return
+        log.info(
+            "voice ready: %s (%.1fs of audio, embedded in %.0f ms)%s",
+            done.name, audio.duration_s, embed_s * 1000, f"; {done.note}" if done.note else "",
+            extra={"voice": done.name},
+        )
+        self._emit("ready", done.to_dict())
+        self._queue_background_if_needed(path)
+
+    def _prepare_background(self, path: str) -> None:
+        """Later engine stages (e.g. refinement): they yield to urgent work and to requests."""
+        snap = self._snapshot(path)
+        if snap is None or self.engine is None or snap.sha256 is None or snap.state is not VoiceState.READY:
+            return
+        gen, sha = snap.generation, snap.sha256
+        stages = self.engine.stages
+        start = stages.index(snap.stage) + 1 if snap.stage in stages else 0
+        if start >= len(stages):
+            return
+        arrays = self.cache.get(sha, self.encoder_producer, self.embedding_kind)
+        previous = self.cache.get(sha, self.engine_producer or "", stages[start - 1]) if start else None
+        if arrays is None:
+            self._enqueue_urgent_again(path)
+            return
+        try:
+            audio = load_audio(self.root / path, max_duration_s=self.config.max_duration_s)
+        except (AudioError, FileNotFoundError):
+            self.sync_path(path)
+            return
+
+        def should_stop() -> bool:
+            with self._lock:
+                current = self._voices.get(path)
+                stale = current is None or current.generation != gen
+                return self._stopping or stale or bool(self._urgent) or self._external_demand()
+
+        for stage in stages[start:]:
+            try:
+                conditioning = self.engine.prepare_voice(
+                    audio.samples, arrays["embedding"], stage=stage, previous=previous, should_stop=should_stop
+                )
+            except PreparationInterrupted:
+                with self._lock:
+                    voice = self._voices.get(path)
+                    if voice is not None and voice.generation == gen and not self._stopping:
+                        self._enqueue_locked(_Job(path, gen, background=True))
+                return
+            self._store(sha, self.engine_producer or "", stage, conditioning, {})
+            previous = conditioning
+            done = self._commit(path, gen, lambda v, s=stage: setattr(v, "stage", s))
+            if done is None:
+                return
+            log.info("voice %s reached stage %s", done.name, stage, extra={"voice": done.name})
+            self._emit("stage", done.to_dict())
+
+    def _enqueue_urgent_again(self, path: str) -> None:
+        with self._lock:
+            voice = self._voices.get(path)
+            if voice is not None:
+                voice.state = VoiceState.PENDING
+                self._enqueue_locked(_Job(path, voice.generation))
+
+    def _check_path(self, full: Path) -> None:
+        real = os.path.realpath(full)
+        if real != str(full) and not (real + os.sep).startswith(self._root_real + os.sep):
+            raise AudioError("symlink points outside the voices folder")
+        if os.path.islink(full):
+            if not self.config.follow_symlinks:
+                raise AudioError("symlinks are not followed ([voices] follow_symlinks = false)")
+            if not os.path.exists(full):
+                raise AudioError("broken symlink: its target does not exist")
+        st = os.stat(full)
+        if not statmod.S_ISREG(st.st_mode):
+            raise AudioError("not a regular file")
+        if st.st_size == 0:
+            raise AudioError("empty file (0 bytes)")
+
+    def _record(self, path: str, st: os.stat_result, sha: str) -> None:
+        try:
+            self.cache.record_file(FileRecord(path, st.st_size, st.st_mtime_ns, st.st_ino, sha))
+        except CacheError as exc:
+            log.warning("cannot record %s in the cache index: %s", path, exc)
+
+    def _store(
+        self, sha: str, producer: str, kind: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+    ) -> str | None:
+        """Put a result in the cache; a full or read-only cache costs a recomputation later, nothing now."""
+        try:
+            self.cache.put(sha, producer, kind, arrays, meta)
+        except CacheError as exc:
+            log.error("cannot cache %s for %s: %s", kind, sha[:12], exc)
+            return f"not cached ({exc})"
+        return None
+
+    def _finish_failed(self, path: str, generation: int, reason: str) -> None:
+        done = self._commit(path, generation, lambda v: self._fail_locked(v, reason))
+        if done is not None:
+            log.warning("voice failed: %s: %s", done.name, reason, extra={"voice": done.name})
+            self._emit("failed", done.to_dict())
+
+
+def _same_file(voice: Voice, st: os.stat_result) -> bool:
+    return (voice.size, voice.mtime_ns, voice.inode) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _apply_meta(voice: Voice, meta: Mapping[str, Any]) -> None:
+    voice.duration_s = meta.get("duration_s")
+    if meta.get("truncated"):
+        voice.note = f"only the first {meta.get('used_s', 0):.1f}s of {meta.get('duration_s', 0):.1f}s are used"
