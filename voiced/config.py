@@ -7,6 +7,7 @@ the key and the file (``voiced.toml: [voices] dir: folder does not exist: /x``).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import sys
@@ -235,7 +236,7 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (dict, Mapping):
+    if origin in (dict, collections.abc.Mapping):
         return "table"
     return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path string"}.get(tp, str(tp))
 
@@ -248,7 +249,7 @@ def _coerce(tp: Any, value: Any, key: str, where: str, base_dir: Path) -> Any:
             raise wrong
         inner = typing.get_args(tp)[0]
         return tuple(_coerce(inner, item, key, where, base_dir) for item in value)
-    if origin in (dict, Mapping):
+    if origin in (dict, collections.abc.Mapping):
         if isinstance(value, dict):
             return dict(value)
         raise wrong

@@ -65,7 +65,7 @@ class PreparationInterrupted(Exception):
 
 
 VoiceListener = Callable[[str, dict[str, Any]], None]
-"""Called with (event, voice dict); events: ``ready``, ``failed``, ``removed``, ``stage``."""
+"""Called with (event, voice dict); events: ``preparing``, ``ready``, ``failed``, ``removed``, ``stage``."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class ReconcileReport:
     files: int
     unchanged: int
     """Files whose size, mtime and inode matched the cache's record: not re-hashed."""
+    hashed: int
     ready: int
     queued: int
     removed: int
@@ -227,13 +228,14 @@ class Library:
             removed = [p for p in self._voices if p not in found]
         for path in removed:
             self._remove(path, reason="no longer in the folder")
+        hashed: list[FileRecord] = []
         for path, st in sorted(found.items()):
             if recent_s and now_ns - st.st_mtime_ns < recent_s * 1e9:
                 recent.append(path)
                 continue
             with self._lock:
                 current = self._voices.get(path)
-                if current is not None and _same_file(current, st) and current.state is not VoiceState.PENDING:
+                if current is not None and _same_file(current, st):
                     unchanged += 1
                     continue
             record = records.get(path)
@@ -241,22 +243,37 @@ class Library:
             if record is not None and (record.size, record.mtime_ns, record.inode) == (st.st_size, st.st_mtime_ns, st.st_ino):
                 sha = record.sha256
                 unchanged += 1
-            outcome = self._adopt(path, st, sha)
+            elif st.st_size > 0 and not os.path.islink(self.root / path):
+                # hashed here, in bulk, so a folder of cached voices is ready without the worker;
+                # symlinks and unreadable files are left to the worker, which explains failures
+                try:
+                    sha = sha256_file(self.root / path)
+                except OSError:
+                    sha = None
+                else:
+                    hashed.append(FileRecord(path, st.st_size, st.st_mtime_ns, st.st_ino, sha))
+            outcome = self._adopt(path, st, sha, announce=False)
             if outcome == "ready":
                 ready += 1
             elif outcome == "queued":
                 queued += 1
+        if hashed:
+            try:
+                self.cache.record_files(hashed)
+            except CacheError as exc:
+                log.warning("cannot record hashes in the cache index: %s", exc)
         report = ReconcileReport(
             files=len(found),
             unchanged=unchanged,
+            hashed=len(hashed),
             ready=ready,
             queued=queued,
             removed=len(removed) + len(gone),
             seconds=time.monotonic() - started,
         )
         log.info(
-            "reconciled %d files in %.3fs: %d unchanged, %d ready from cache, %d queued, %d removed",
-            report.files, report.seconds, report.unchanged, report.ready, report.queued, report.removed,
+            "reconciled %d files in %.3fs: %d unchanged, %d hashed, %d ready from cache, %d queued, %d removed",
+            report.files, report.seconds, report.unchanged, report.hashed, report.ready, report.queued, report.removed,
         )
         return report, recent
 
@@ -279,7 +296,10 @@ class Library:
             current = self._voices.get(path)
             if current is not None and _same_file(current, st) and current.state is not VoiceState.FAILED:
                 return
-        self._adopt(path, st, self._known_sha(st))
+        sha = self._known_sha(st)
+        if sha is not None:
+            self._record(path, st, sha)  # moved: same content under a new name, no need to re-hash
+        self._adopt(path, st, sha)
 
     def remove_tree(self, prefix: str) -> None:
         """A folder left the voices folder (deleted or moved out): drop every voice below it."""
@@ -345,7 +365,7 @@ class Library:
                     return voice.sha256
         return None
 
-    def _adopt(self, path: str, st: os.stat_result, sha: str | None) -> str:
+    def _adopt(self, path: str, st: os.stat_result, sha: str | None, *, announce: bool = True) -> str:
         """Take a new or changed file in: ready at once if the cache has all it needs, else queue it."""
         name = voice_name(path)
         with self._lock:
@@ -372,9 +392,11 @@ class Library:
                     outcome = "queued"
             event = voice.to_dict()
         if outcome == "ready":
+            log.log(logging.INFO if announce else logging.DEBUG, "voice ready: %s (from cache)", name, extra={"voice": name})
             self._emit("ready", event)
             self._queue_background_if_needed(path)
         elif outcome == "failed":
+            log.warning("voice failed: %s: %s", name, event.get("error"), extra={"voice": name})
             self._emit("failed", event)
         return outcome
 
@@ -529,7 +551,10 @@ class Library:
             self._queue_background_if_needed(path)
             return
 
-        self._commit(path, gen, lambda v: setattr(v, "state", VoiceState.PREPARING))
+        preparing = self._commit(path, gen, lambda v: setattr(v, "state", VoiceState.PREPARING))
+        if preparing is None:
+            return
+        self._emit("preparing", preparing.to_dict())
         started = time.monotonic()
         try:
             audio = load_audio(full, max_duration_s=self.config.max_duration_s)
