@@ -159,6 +159,7 @@ def test_copy_in_becomes_ready_and_delete_evicts(folder: Folder, clips: dict[str
     assert voice["sha256"] == sha
     assert voice["file"] == "allison.wav"
     assert abs(voice["duration_s"] - 12.0) < 0.1
+    folder.wait_idle()  # ready is published first, then stored
     assert folder.cache is not None and folder.cache.entries_for(sha)
     embedding = folder.library.embedding("allison") if folder.library else None
     assert embedding is not None and embedding.shape == (256,)
@@ -183,6 +184,7 @@ def test_rename_is_ready_again_without_preparing(folder: Folder, clips: dict[str
     folder.start()
     copy(clips["carlo_a"], folder.voices / "carlo.wav")
     first = folder.wait_state("carlo", "ready")
+    folder.wait_idle()
     calls = folder.encoder.calls
     folder.events.clear()
 

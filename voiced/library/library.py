@@ -121,6 +121,8 @@ class Library:
         self._stopping = False
         self._busy_path: str | None = None
         self._root_real = os.path.realpath(self.root)
+        # results published but not yet stored (or not storable: cache full or read-only)
+        self._unsaved: dict[tuple[str, str, str], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]] = {}
         self._external_demand: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ queries
@@ -157,7 +159,7 @@ class Library:
         voice = self.get(name)
         if voice is None or voice.sha256 is None or voice.state is not VoiceState.READY:
             return None
-        arrays = self.cache.get(voice.sha256, self.encoder_producer, self.embedding_kind)
+        arrays = self._lookup(voice.sha256, self.encoder_producer, self.embedding_kind)
         return None if arrays is None else arrays["embedding"]
 
     def conditioning(self, name: str) -> tuple[str, Mapping[str, np.ndarray]] | None:
@@ -166,7 +168,7 @@ class Library:
         if voice is None or voice.sha256 is None or self.engine is None or voice.stage is None:
             return None
         for stage in reversed(self.engine.stages[: self.engine.stages.index(voice.stage) + 1]):
-            arrays = self.cache.get(voice.sha256, self.engine_producer or "", stage)
+            arrays = self._lookup(voice.sha256, self.engine_producer or "", stage)
             if arrays is not None:
                 return stage, arrays
         return None
@@ -401,13 +403,15 @@ class Library:
         return outcome
 
     def _ready_from_cache_locked(self, voice: Voice, sha: str) -> bool:
-        meta = self.cache.get_meta(sha, self.encoder_producer, self.embedding_kind)
+        unsaved = self._unsaved.get((sha, self.encoder_producer, self.embedding_kind))
+        meta = unsaved[1] if unsaved else self.cache.get_meta(sha, self.encoder_producer, self.embedding_kind)
         if meta is None:
             return False
         stage = None
         if self.engine is not None:
             for candidate in self.engine.stages:
-                if self.cache.has(sha, self.engine_producer or "", candidate):
+                key = (sha, self.engine_producer or "", candidate)
+                if key in self._unsaved or self.cache.has(*key):
                     stage = candidate
             if stage is None:
                 return False
@@ -577,8 +581,8 @@ class Library:
             "sample_rate": audio.source_sample_rate,
             "channels": audio.channels,
         }
-        note = self._store(sha, self.encoder_producer, self.embedding_kind, {"embedding": embedding}, meta)
         embed_s = time.monotonic() - started
+        results = [(self.embedding_kind, self.encoder_producer, {"embedding": embedding}, meta)]
 
         stage = None
         if self.engine is not None:
@@ -590,19 +594,23 @@ class Library:
             except AudioError as exc:
                 self._finish_failed(path, gen, str(exc))
                 return
-            note = self._store(sha, self.engine_producer or "", first, conditioning, {}) or note
+            results.append((first, self.engine_producer or "", conditioning, {}))
             stage = first
 
         def ready(voice: Voice) -> None:
             voice.state = VoiceState.READY
             voice.stage = stage
             _apply_meta(voice, meta)
-            if note:
-                voice.note = f"{voice.note}; {note}" if voice.note else note
 
+        # published first, stored right after: the voice is usable without waiting for the
+        # cache's fsyncs, and lookups see the results in memory until they are on disk
+        with self._lock:
+            for kind, producer, arrays, extra in results:
+                self._unsaved[(sha, producer, kind)] = (arrays, extra)
         done = self._commit(path, gen, ready)
         if done is None:
             log.info("%s changed while being prepared; result discarded", path)
+            self._flush(sha, results)
             return
         log.info(
             "voice ready: %s (%.1fs of audio, embedded in %.0f ms)%s",
@@ -610,6 +618,9 @@ class Library:
             extra={"voice": done.name},
         )
         self._emit("ready", done.to_dict())
+        problem = self._flush(sha, results)
+        if problem:
+            self._commit(path, gen, lambda v: setattr(v, "note", f"{v.note}; {problem}" if v.note else problem))
         self._queue_background_if_needed(path)
 
     def _prepare_background(self, path: str) -> None:
@@ -622,8 +633,8 @@ class Library:
         start = stages.index(snap.stage) + 1 if snap.stage in stages else 0
         if start >= len(stages):
             return
-        arrays = self.cache.get(sha, self.encoder_producer, self.embedding_kind)
-        previous = self.cache.get(sha, self.engine_producer or "", stages[start - 1]) if start else None
+        arrays = self._lookup(sha, self.encoder_producer, self.embedding_kind)
+        previous = self._lookup(sha, self.engine_producer or "", stages[start - 1]) if start else None
         if arrays is None:
             self._enqueue_urgent_again(path)
             return
@@ -650,7 +661,7 @@ class Library:
                     if voice is not None and voice.generation == gen and not self._stopping:
                         self._enqueue_locked(_Job(path, gen, background=True))
                 return
-            self._store(sha, self.engine_producer or "", stage, conditioning, {})
+            self._flush(sha, [(stage, self.engine_producer or "", conditioning, {})])
             previous = conditioning
             done = self._commit(path, gen, lambda v, s=stage: setattr(v, "stage", s))
             if done is None:
@@ -686,16 +697,30 @@ class Library:
         except CacheError as exc:
             log.warning("cannot record %s in the cache index: %s", path, exc)
 
-    def _store(
-        self, sha: str, producer: str, kind: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
-    ) -> str | None:
-        """Put a result in the cache; a full or read-only cache costs a recomputation later, nothing now."""
-        try:
-            self.cache.put(sha, producer, kind, arrays, meta)
-        except CacheError as exc:
-            log.error("cannot cache %s for %s: %s", kind, sha[:12], exc)
-            return f"not cached ({exc})"
-        return None
+    def _flush(self, sha: str, results: list[tuple[str, str, Mapping[str, np.ndarray], Mapping[str, Any]]]) -> str | None:
+        """Store results in the cache; a full or read-only cache costs a recomputation later, nothing now.
+
+        What could not be stored stays in memory (it is small) and keeps the voice usable.
+        Returns a note for the voice when something could not be stored.
+        """
+        problem = None
+        for kind, producer, arrays, meta in results:
+            try:
+                self.cache.put(sha, producer, kind, arrays, meta)
+            except CacheError as exc:
+                log.error("cannot cache %s for %s: %s", kind, sha[:12], exc)
+                problem = f"not cached ({exc})"
+                continue
+            with self._lock:
+                self._unsaved.pop((sha, producer, kind), None)
+        return problem
+
+    def _lookup(self, sha: str, producer: str, kind: str) -> Mapping[str, np.ndarray] | None:
+        with self._lock:
+            unsaved = self._unsaved.get((sha, producer, kind))
+        if unsaved is not None:
+            return unsaved[0]
+        return self.cache.get(sha, producer, kind)
 
     def _finish_failed(self, path: str, generation: int, reason: str) -> None:
         done = self._commit(path, generation, lambda v: self._fail_locked(v, reason))
