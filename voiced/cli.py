@@ -39,6 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="skip volume normalisation and silence trimming")
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("voices", help="list voices and their state (via the daemon)")
+    _client_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(func=cmd_voices)
+
+    p = sub.add_parser("say", help="synthesize speech (via the daemon)")
+    p.add_argument("text", metavar="TEXT", help="the text to speak ('-' reads standard input)")
+    p.add_argument("--voice", required=True, help="voice name (file name without extension)")
+    p.add_argument("-o", "--output", default=None, help="output file ('-' = standard output; default: TEXT-derived .wav)")
+    p.add_argument("--format", default=None, help="wav, flac, ogg, mp3, pcm_s16le, pcm_f32le (default: from -o, else wav)")
+    p.add_argument("--stream", action="store_true", help="write audio as it is produced (pcm or ogg)")
+    p.add_argument("--speed", type=float, default=None, help="speaking rate, 0.5..2.0")
+    p.add_argument("--sample-rate", type=int, default=None, help="resample the output to this rate")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS", help="wait this long for a voice still being prepared")
+    _client_args(p)
+    p.set_defaults(func=cmd_say)
+
+    p = sub.add_parser("status", help="daemon health, queue, memory, device")
+    _client_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("check-config", help="validate a config file and print the resolved values")
     p.add_argument("--config", help="config file (default: $VOICED_CONFIG, then the usual places)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -108,3 +130,104 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=None, help="daemon endpoint (default: the config's first endpoint)")
+    p.add_argument("--config", help="config file (for the default endpoint)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from voiced.client import Client
+
+    endpoint = args.endpoint or load_config(args.config, check_dirs=False).server.endpoints[0]
+    return Client(endpoint, timeout_s=args.timeout)
+
+
+def cmd_voices(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        voices = client.voices()
+    if args.json:
+        print(json.dumps({"voices": voices}))
+        return 0
+    if not voices:
+        print("no voices (drop recordings into the voices folder)")
+    width = max((len(v["name"]) for v in voices), default=0)
+    for v in voices:
+        state = v["state"] + (f"/{v['stage']}" if v.get("stage") else "")
+        duration = f"{v['duration_s']:.1f}s" if v.get("duration_s") is not None else "-"
+        extra = v.get("error") or v.get("note") or ""
+        print(f"{v['name']:<{width}}  {state:<16} {duration:>7}  {extra}".rstrip())
+    return 0
+
+
+_SUFFIX_FORMATS = {".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".oga": "ogg", ".mp3": "mp3",
+                   ".pcm": "pcm_s16le", ".raw": "pcm_s16le", ".f32": "pcm_f32le"}
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    output = args.output or "say.wav"
+    fmt = args.format or _SUFFIX_FORMATS.get(Path(output).suffix.lower(), "wav")
+    params = {"speed": args.speed} if args.speed is not None else None
+    to_stdout = output == "-"
+    sink = sys.stdout.buffer if to_stdout else None
+    tmp = None if to_stdout else Path(output).with_name(f".{Path(output).name}.part")
+    with _client(args) as client:
+        try:
+            if sink is None:
+                assert tmp is not None
+                sink = open(tmp, "wb")
+            if args.stream:
+                if fmt not in ("pcm_s16le", "pcm_f32le", "ogg"):
+                    raise VoicedError(f"--stream needs --format pcm_s16le, pcm_f32le or ogg, not {fmt}")
+                header: dict[str, Any] = {}
+                for chunk in client.stream(text, args.voice, format=fmt, params=params,
+                                           sample_rate=args.sample_rate, wait_s=args.wait):
+                    sink.write(chunk.audio)
+                    sink.flush()
+                    header = chunk.header
+            else:
+                reply = client.synthesize(text, args.voice, format=fmt, params=params,
+                                          sample_rate=args.sample_rate, wait_s=args.wait)
+                sink.write(reply.audio)
+                header = reply.header
+        finally:
+            if sink is not None and not to_stdout:
+                sink.close()
+    if tmp is not None:
+        tmp.replace(output)  # a finished file or none, never half a file
+        stage = header.get("voice", {}).get("stage")
+        print(
+            f"{output}: {header.get('duration_s', 0):.2f}s of {fmt} at {header.get('sample_rate')} Hz, "
+            f"voice {args.voice}{f' ({stage})' if stage else ''}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    status.pop("id", None)
+    status.pop("ok", None)
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    voices = status.get("voices", {})
+    requests = status.get("requests", {})
+    cache = status.get("cache", {})
+    lines = [
+        f"voiced {status.get('version')}  up {status.get('uptime_s', 0):.0f}s  pid {status.get('pid')}",
+        f"model    {status.get('model')} on {status.get('device')}",
+        f"voices   " + ", ".join(f"{n} {k}" for k, n in voices.items()),
+        f"queue    {status.get('queue')} synthesis, {status.get('preparation_queue')} preparation",
+        f"requests {requests.get('served')} served, {requests.get('failed')} failed, {requests.get('busy')} busy; "
+        f"p50 {requests.get('latency_p50_ms')} ms, p99 {requests.get('latency_p99_ms')} ms",
+        f"memory   RSS {status.get('rss_bytes', 0) / 2**20:.0f} MiB, GPU {status.get('gpu_memory_bytes')}, "
+        f"CPU {status.get('cpu_percent')}%",
+        f"cache    {cache.get('entries')} entries, {cache.get('bytes', 0) / 2**20:.1f} MiB, hit rate {cache.get('hit_rate')}",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,68 +1,128 @@
-"""The daemon: wires the cache, the speaker encoder, the library and the folder watcher.
+"""The daemon: wires the cache, the speaker encoder, the engine, the library, the watcher and the server.
 
-Start order: cache -> encoder (loaded once) -> library worker -> watcher (observer first,
-then the start-up reconcile, so no event falls between the two). Stop order is the reverse,
-and the cache is closed last so every finished preparation is on disk.
+Start order: cache -> encoder -> engine (loaded and warmed) -> library worker -> watcher
+(observer first, then the start-up reconcile, so no event falls between the two) -> sockets
+bound -> READY. Stop order is the reverse: stop taking requests, finish those in flight
+(bounded), stop watching, stop preparing, close the cache last so every finished
+preparation is on disk.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import psutil
 
 from voiced import __version__
 from voiced.cache import Cache
 from voiced.config import Config, ensure_dirs, load_config
 from voiced.encoder import SpeakerEncoder
-from voiced.library import Library
+from voiced.engines import Engine
+from voiced.errors import ConfigError, VoicedError
+from voiced.library import Library, VoiceState
+from voiced.notify import Notifier, WatchdogPinger
+from voiced.protocol import VOICE_FAILED, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError
+from voiced.server import Server
 from voiced.watcher import FolderWatcher
 
 log = logging.getLogger(__name__)
 
 
+def create_engine(config: Config, encoder: SpeakerEncoder) -> Engine:
+    """The configured engine (built-in: kokoro), constructed but not loaded."""
+    name = config.engine.name
+    options = dict(config.engine.options)
+    if name == "kokoro":
+        from voiced.engines.kokoro import KokoroEngine
+
+        try:
+            return KokoroEngine(config.cache.dir / "models", encoder=encoder, **options)
+        except TypeError as exc:
+            raise ConfigError(f"{config.source or 'config'}: [engine] options: {exc}") from None
+    raise ConfigError(f"{config.source or 'config'}: [engine] name: unknown engine {name!r} (built-in: kokoro)")
+
+
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier()
         self.started_at = time.time()
         self.cache: Cache | None = None
         self.encoder: SpeakerEncoder | None = None
+        self.engine: Engine | None = None
         self.library: Library | None = None
         self.watcher: FolderWatcher | None = None
+        self.server: Server | None = None
+        self.pinger: WatchdogPinger | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # the first call only starts the measurement
+
+    # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         config = self.config
         ensure_dirs(config)
         limit = int(config.cache.size_limit_mb * 1024 * 1024) or None
         self.cache = Cache(config.cache.dir, size_limit_bytes=limit)
+        self.notifier.status("loading the speaker encoder")
         started = time.monotonic()
         self.encoder = SpeakerEncoder(
             device=config.encoder.device,
             weights_path=config.encoder.weights or None,
             threads=config.encoder.threads or None,
         )
-        log.info(
-            "speaker encoder %s@%s loaded on %s in %.2fs",
-            self.encoder.model_id, self.encoder.version, self.encoder.device, time.monotonic() - started,
+        log.info("speaker encoder %s@%s on %s", self.encoder.model_id, self.encoder.version, self.encoder.device)
+        self.notifier.status(f"loading the {config.engine.name} engine")
+        self.engine = create_engine(config, self.encoder)
+        self.engine.load(config.engine.device)
+        log.info("engine %s@%s loaded and warm in %.1fs", self.engine.name, self.engine.version, time.monotonic() - started)
+        self.library = Library(
+            config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess
         )
-        self.library = Library(config.voices, self.cache, self.encoder, preprocess=config.encoder.preprocess)
+        self.server = Server(config.server, self)
+        self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)
         self.library.start()
         self.watcher = FolderWatcher(self.library, config.voices)
         self.watcher.start()
-        log.info("voiced %s serving voices from %s", __version__, config.voices.dir)
+        self.server.start()
+        self.notifier.ready(self.status_line())
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            stall = max(2 * interval, 5.0)
+            self.pinger = WatchdogPinger(self.notifier, lambda: self.server is not None and self.server.healthy(stall))
+            self.pinger.start()
+        log.info("voiced %s ready: voices from %s, listening on %s", __version__, config.voices.dir,
+                 ", ".join(self.server.endpoints))
 
     def stop(self) -> None:
+        self.notifier.stopping()
+        if self.server is not None:
+            self.server.stop_accepting()
+            if not self.server.drain(self.config.server.stop_timeout_s):
+                log.warning("requests still in flight after %.1fs; stopping anyway", self.config.server.stop_timeout_s)
+        if self.pinger is not None:
+            self.pinger.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.library is not None:
             self.library.stop(timeout=self.config.server.stop_timeout_s)
+        if self.server is not None:
+            self.server.stop()
         if self.cache is not None:
-            self.cache.collect_garbage(self.config.voices.rename_grace_s)
+            try:
+                self.cache.collect_garbage(self.config.voices.rename_grace_s)
+            except VoicedError as exc:
+                log.warning("cache garbage collection at exit failed: %s", exc)
             self.cache.close()
+        self.notifier.close()
         log.info("voiced stopped")
 
     def request_stop(self) -> None:
@@ -71,24 +131,19 @@ class Daemon:
     def request_reload(self) -> None:
         self._reload.set()
 
-    def status(self) -> dict[str, Any]:
-        assert self.library is not None and self.cache is not None
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "voices": self.library.counts(),
-            "queue": self.library.queue_depth(),
-            "cache": self.cache.stats().__dict__,
-        }
-
     def run_forever(self) -> None:
-        """Block until asked to stop; meanwhile reload on request and collect cache garbage."""
+        """Block until asked to stop; meanwhile reload on request, collect garbage, update STATUS=."""
         gc_every = max(1.0, self.config.voices.rename_grace_s / 2)
         next_gc = time.monotonic() + gc_every
-        while not self._stop.wait(timeout=min(1.0, max(0.0, next_gc - time.monotonic()))):
+        last_line = ""
+        while not self._stop.wait(timeout=1.0):
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            line = self.status_line()
+            if line != last_line:
+                self.notifier.status(line)
+                last_line = line
             if time.monotonic() >= next_gc and self.cache is not None:
                 next_gc = time.monotonic() + gc_every
                 try:
@@ -97,10 +152,11 @@ class Daemon:
                     log.exception("cache garbage collection failed")
 
     def reload(self) -> None:
-        """Re-read the config file and rescan the folder (SIGHUP). Settings that need a restart say so."""
+        """Re-read the config file and rescan the folder (SIGHUP or the reload op)."""
+        self.notifier.reloading()
         try:
             fresh = load_config(self.config.source)
-        except Exception as exc:
+        except VoicedError as exc:
             log.error("reload: keeping the running configuration: %s", exc)
         else:
             for section in ("voices", "cache", "encoder", "engine", "server"):
@@ -108,8 +164,113 @@ class Daemon:
                     log.warning("reload: [%s] changed; restart the daemon to apply it", section)
             logging.getLogger().setLevel(fresh.log.level.upper())
         if self.watcher is not None:
-            self.watcher.request_rescan()
+            self.watcher.rescan()
+        self.notifier.ready(self.status_line())
         log.info("reloaded")
+
+    # ------------------------------------------------------------------ the server's backend
+
+    @property
+    def sample_rate(self) -> int:
+        assert self.engine is not None
+        return self.engine.sample_rate
+
+    def voices(self) -> list[dict[str, Any]]:
+        assert self.library is not None
+        return self.library.voices()
+
+    def _voice(self, name: str) -> Any:
+        assert self.library is not None
+        voice = self.library.get(name)
+        if voice is None:
+            raise ProtocolError(VOICE_NOT_FOUND, f"no voice named {name[:200]!r}")
+        if voice.state is VoiceState.FAILED:
+            raise ProtocolError(VOICE_FAILED, f"voice {name!r} failed: {voice.error}", reason=voice.error)
+        return voice
+
+    def voice_for_synthesis(self, name: str) -> tuple[dict[str, Any], Any] | None:
+        assert self.library is not None
+        voice = self._voice(name)
+        if voice.state is not VoiceState.READY:
+            return None
+        found = self.library.conditioning(name)
+        if found is None:
+            log.warning("voice %s is ready but its conditioning is gone from the cache; preparing it again", name)
+            self.library.sync_path(voice.path)
+            return None
+        stage, conditioning = found
+        return {**voice.to_dict(), "stage": stage}, conditioning
+
+    def synthesize(self, text: str, conditioning: Any, params: Mapping[str, Any]) -> Iterator[np.ndarray]:
+        assert self.engine is not None
+        return self.engine.synthesize(text, conditioning, params)
+
+    def embed(self, name: str) -> dict[str, Any]:
+        assert self.library is not None
+        voice = self._voice(name)
+        embedding = self.library.embedding(name)
+        if embedding is None:
+            raise ProtocolError(VOICE_NOT_READY, f"voice {name!r} is {voice.state.value}", state=voice.state.value)
+        return {
+            "voice": voice.name,
+            "state": voice.state.value,
+            "sha256": voice.sha256,
+            "embedding": [float(x) for x in embedding],
+        }
+
+    def status(self) -> dict[str, Any]:
+        assert self.library is not None and self.cache is not None and self.engine is not None
+        memory = self._process.memory_info()
+        cache = self.cache.stats()
+        lookups = cache.hits + cache.misses
+        status: dict[str, Any] = {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "pid": os.getpid(),
+            "device": getattr(self.engine, "device", "cpu"),
+            "model": f"{self.engine.name}@{self.engine.version}",
+            "encoder": {"model": f"{self.encoder.model_id}@{self.encoder.version}", "device": str(self.encoder.device)}
+            if self.encoder else None,
+            "voices": self.library.counts(),
+            "preparation_queue": self.library.queue_depth(),
+            "rss_bytes": memory.rss,
+            "cpu_percent": self._process.cpu_percent(None),
+            "gpu_memory_bytes": _gpu_memory(),
+            "cache": {
+                "entries": cache.entries,
+                "bytes": cache.bytes,
+                "size_limit_bytes": cache.size_limit_bytes,
+                "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
+            },
+        }
+        if self.server is not None:
+            summary = self.server.summary()
+            status["queue"] = summary.pop("queue")
+            status["requests"] = summary
+        return status
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (and `systemctl status`)."""
+        if self.library is None:
+            return "starting"
+        counts = self.library.counts()
+        parts = [f"{counts['ready']} voices ready"]
+        for state in ("preparing", "pending", "failed"):
+            if counts[state]:
+                parts.append(f"{counts[state]} {state}")
+        parts.append(f"queue {self.server.queue_depth() if self.server else 0}")
+        return ", ".join(parts)
+
+
+def _gpu_memory() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.memory_allocated())
+    except Exception:  # status must answer whatever the GPU stack does
+        return None
+    return None
 
 
 def serve(config: Config) -> int:
@@ -118,6 +279,9 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+    if os.environ.get("VOICED_TEST_HANG_SIGNAL"):
+        # test hook: SIGUSR2 hangs the synthesis worker, so a test can watch the watchdog stop
+        signal.signal(signal.SIGUSR2, lambda *_: daemon.server and daemon.server.worker_hang.set())
     try:
         daemon.start()
         daemon.run_forever()

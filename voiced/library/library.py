@@ -27,6 +27,7 @@ from voiced.audio import load_audio
 from voiced.cache import Cache, FileRecord, sha256_file
 from voiced.config import VoicesConfig
 from voiced.embedding import embedding_kind
+from voiced.engines.base import Conditioning
 from voiced.errors import AudioError, CacheError
 from voiced.library.voice import Voice, VoiceState, is_candidate, voice_name
 
@@ -58,10 +59,6 @@ class StagedPreparer(Protocol):
         previous: Mapping[str, np.ndarray] | None,
         should_stop: Callable[[], bool] | None,
     ) -> Mapping[str, np.ndarray]: ...
-
-
-class PreparationInterrupted(Exception):
-    """A background stage gave way to more urgent work; it is queued again."""
 
 
 VoiceListener = Callable[[str, dict[str, Any]], None]
@@ -168,10 +165,21 @@ class Library:
         if voice is None or voice.sha256 is None or self.engine is None or voice.stage is None:
             return None
         for stage in reversed(self.engine.stages[: self.engine.stages.index(voice.stage) + 1]):
-            arrays = self._lookup(voice.sha256, self.engine_producer or "", stage)
-            if arrays is not None:
-                return stage, arrays
+            conditioning = self._conditioning(voice.sha256, stage)
+            if conditioning is not None:
+                return stage, conditioning
         return None
+
+    def _conditioning(self, sha: str, stage: str) -> Conditioning | None:
+        key = (sha, self.engine_producer or "", stage)
+        with self._lock:
+            unsaved = self._unsaved.get(key)
+        if unsaved is not None:
+            return Conditioning.from_npz(unsaved[0], unsaved[1])
+        arrays = self.cache.get(*key)
+        if arrays is None:
+            return None
+        return Conditioning.from_npz(arrays, self.cache.get_meta(*key) or {})
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until ``predicate()`` holds (re-checked at every state change) or the timeout."""
@@ -473,11 +481,19 @@ class Library:
 
     # ------------------------------------------------------------------ internals: the worker
 
+    def _demanded(self) -> bool:
+        try:
+            return bool(self._external_demand())
+        except Exception:  # a broken demand callback must not stop preparation
+            log.exception("demand check failed")
+            return False
+
     def _run_worker(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._urgent and not self._background:
-                    self._work.wait()
+                while not self._stopping and not self._urgent and (not self._background or self._demanded()):
+                    # background stages wait while requests are being served (checked every 100 ms)
+                    self._work.wait(0.1 if self._background else None)
                 if self._stopping:
                     return
                 job = (self._urgent or self._background).popleft()
@@ -492,7 +508,11 @@ class Library:
                 log.exception("unexpected error preparing %s", job.path)
                 with self._lock:
                     voice = self._voices.get(job.path)
-                    if voice is not None:
+                    if voice is not None and job.background:
+                        # the voice stays usable at the stage it reached
+                        voice.note = f"stage after {voice.stage} failed (see the daemon log)"
+                        self._changed.notify_all()
+                    elif voice is not None:
                         self._fail_locked(voice, "internal error while preparing (see the daemon log)")
             finally:
                 with self._lock:
@@ -594,7 +614,7 @@ class Library:
             except AudioError as exc:
                 self._finish_failed(path, gen, str(exc))
                 return
-            results.append((first, self.engine_producer or "", conditioning, {}))
+            results.append((first, self.engine_producer or "", conditioning, dict(getattr(conditioning, "meta", {}))))
             stage = first
 
         def ready(voice: Voice) -> None:
@@ -634,7 +654,7 @@ class Library:
         if start >= len(stages):
             return
         arrays = self._lookup(sha, self.encoder_producer, self.embedding_kind)
-        previous = self._lookup(sha, self.engine_producer or "", stages[start - 1]) if start else None
+        previous = self._conditioning(sha, stages[start - 1]) if start else None
         if arrays is None:
             self._enqueue_urgent_again(path)
             return
@@ -651,17 +671,20 @@ class Library:
                 return self._stopping or stale or bool(self._urgent) or self._external_demand()
 
         for stage in stages[start:]:
-            try:
-                conditioning = self.engine.prepare_voice(
-                    audio.samples, arrays["embedding"], stage=stage, previous=previous, should_stop=should_stop
-                )
-            except PreparationInterrupted:
+            conditioning = self.engine.prepare_voice(
+                audio.samples, arrays["embedding"], stage=stage, previous=previous, should_stop=should_stop
+            )
+            if should_stop():
+                # the engine returned early to make way: what it has is not the stage's result;
+                # run the stage again later (it is deterministic, so nothing is lost but time)
                 with self._lock:
                     voice = self._voices.get(path)
                     if voice is not None and voice.generation == gen and not self._stopping:
                         self._enqueue_locked(_Job(path, gen, background=True))
+                log.debug("stage %s of %s gave way to more urgent work", stage, path)
                 return
-            self._flush(sha, [(stage, self.engine_producer or "", conditioning, {})])
+            meta = dict(getattr(conditioning, "meta", {}))
+            self._flush(sha, [(stage, self.engine_producer or "", conditioning, meta)])
             previous = conditioning
             done = self._commit(path, gen, lambda v, s=stage: setattr(v, "stage", s))
             if done is None:

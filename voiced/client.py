@@ -1,0 +1,171 @@
+"""A small synchronous client for the voiced daemon (protocol v1 over ZeroMQ).
+
+    from voiced.client import Client
+
+    with Client("tcp://127.0.0.1:5599") as client:
+        print(client.ping())
+        result = client.synthesize("Hello there.", voice="alice", format="wav")
+        open("hello.wav", "wb").write(result.audio)
+        for chunk in client.stream("A long text. In sentences.", voice="alice"):
+            player.write(chunk.audio)          # pcm_s16le at chunk.header["sample_rate"]
+
+Every call raises :class:`RequestError` (with the protocol's error ``code``) when the daemon
+answers ``ok: false``, and :class:`ClientTimeout` when it does not answer in time. One client
+object is meant for one thread; make one per thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import zmq
+
+from voiced.errors import VoicedError
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5599"
+
+
+class RequestError(VoicedError):
+    """The daemon answered with an error."""
+
+    def __init__(self, code: str, message: str, header: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.header = header or {}
+
+
+class ClientTimeout(VoicedError):
+    """No answer within the client's timeout (is the daemon running at that endpoint?)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    header: dict[str, Any]
+    frames: list[bytes]
+
+    @property
+    def audio(self) -> bytes:
+        return b"".join(self.frames)
+
+
+class Client:
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout_s: float = 60.0,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}-{id(self):x}-"
+
+    def close(self) -> None:
+        self._socket.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ raw protocol
+
+    def send(self, op: str, **fields: Any) -> str:
+        """Send one request; returns its id."""
+        request_id = f"{self._prefix}{next(self._ids)}"
+        body = {"op": op, "id": request_id, **{k: v for k, v in fields.items() if v is not None}}
+        self._socket.send(json.dumps(body).encode("utf-8"))
+        return request_id
+
+    def receive(self, request_id: str, timeout_s: float | None = None) -> Reply:
+        """The next message answering ``request_id`` (stale answers to timed-out requests are dropped)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
+                raise ClientTimeout(f"no answer from {self.endpoint} within {self.timeout_s:g}s")
+            parts = self._socket.recv_multipart()
+            if parts and parts[0] == b"":
+                parts = parts[1:]
+            try:
+                header = json.loads(parts[0])
+            except (ValueError, IndexError):
+                continue
+            if header.get("id") != request_id:
+                continue
+            if not header.get("ok"):
+                error = header.get("error") or {}
+                raise RequestError(error.get("code", "internal"), error.get("message", "unknown error"), header)
+            return Reply(header, parts[1:])
+
+    def request(self, op: str, **fields: Any) -> Reply:
+        return self.receive(self.send(op, **fields))
+
+    # ------------------------------------------------------------------ ops
+
+    def ping(self) -> dict[str, Any]:
+        return self.request("ping").header
+
+    def voices(self) -> list[dict[str, Any]]:
+        return list(self.request("voices").header["voices"])
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status").header
+
+    def embed(self, voice: str) -> dict[str, Any]:
+        return self.request("embed", voice=voice).header
+
+    def reload(self) -> dict[str, Any]:
+        return self.request("reload").header
+
+    def synthesize(
+        self,
+        text: str,
+        voice: str,
+        *,
+        format: str = "wav",
+        params: dict[str, Any] | None = None,
+        sample_rate: int | None = None,
+        wait_s: float | None = None,
+    ) -> Reply:
+        """The whole audio in one reply; ``reply.header`` has sample_rate, duration_s, voice..."""
+        timeout = self.timeout_s + (wait_s or 0)
+        request_id = self.send(
+            "synthesize", text=text, voice=voice, format=format, params=params, sample_rate=sample_rate, wait_s=wait_s
+        )
+        return self.receive(request_id, timeout)
+
+    def stream(
+        self,
+        text: str,
+        voice: str,
+        *,
+        format: str = "pcm_s16le",
+        params: dict[str, Any] | None = None,
+        sample_rate: int | None = None,
+        wait_s: float | None = None,
+    ) -> Iterator[Reply]:
+        """Chunks as the daemon produces them (one per sentence); the last has ``final: true``."""
+        request_id = self.send(
+            "synthesize", text=text, voice=voice, format=format, params=params, sample_rate=sample_rate,
+            wait_s=wait_s, stream=True,
+        )
+        timeout = self.timeout_s + (wait_s or 0)
+        while True:
+            reply = self.receive(request_id, timeout)
+            yield reply
+            if reply.header.get("final"):
+                return
+            timeout = self.timeout_s

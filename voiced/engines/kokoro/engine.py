@@ -1,0 +1,282 @@
+"""Kokoro-82M (int8 ONNX) run with onnxruntime: the built-in engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voiced.engines.base import (
+    Conditioning,
+    Engine,
+    EngineError,
+    ParamError,
+    TextError,
+    check_seed,
+    check_speed,
+)
+from voiced.engines.kokoro import phonemes, text, weights
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24_000
+STYLE_DIM = 256
+MAX_TOKENS = 510  # model context is 512 including the two pad tokens
+DEFAULT_MAX_CHARS = 100_000
+DEFAULT_VOICE = "jf_alpha"
+# Bump the suffix whenever the text front end or fitting changes what a cache entry would hold.
+ENGINE_VERSION = "kokoro-v1.0-int8+fe1"
+
+_WARMUP_TEXT = "Hello, this is a warm up."
+
+
+def split_phonemes(ps: str, limit: int = MAX_TOKENS) -> list[str]:
+    """Split a phoneme string into pieces of at most ``limit`` characters (tokens).
+
+    Prefers clause punctuation, then word boundaries; a single word longer than the limit (only
+    in garbage input) is cut hard.
+    """
+    if len(ps) <= limit:
+        return [ps]
+    pieces: list[str] = []
+    rest = ps
+    while len(rest) > limit:
+        window = rest[: limit + 1]
+        cut = max(window.rfind(p) for p in ",;:—…!?.")
+        if cut < limit // 3:  # no clause mark in a useful place: cut at the last space
+            cut = window.rfind(" ")
+            if cut <= 0:
+                cut = limit
+        else:
+            cut += 1  # keep the mark with the clause it ends
+        pieces.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        pieces.append(rest)
+    return [p for p in pieces if p]
+
+
+def _resolve_providers(device: str) -> tuple[list[Any], str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    dev = (device or "auto").strip().lower()
+    if dev == "cpu":
+        return ["CPUExecutionProvider"], "cpu"
+    if dev == "auto" or dev == "cuda" or dev.startswith("cuda:"):
+        index = 0
+        if dev.startswith("cuda:"):
+            try:
+                index = int(dev.split(":", 1)[1])
+            except ValueError as exc:
+                raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto") from exc
+        if "CUDAExecutionProvider" in available:
+            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], f"cuda:{index}"
+        if dev != "auto":
+            raise EngineError(f"device {device!r} requested but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        return ["CPUExecutionProvider"], "cpu"
+    raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto")
+
+
+class KokoroEngine(Engine):
+    """Kokoro-82M: phonemes (espeak-ng) + a 256-d style vector -> 24 kHz speech.
+
+    A voice is a style *pack* of shape (510, 256): row ``n`` is the style used for an utterance
+    of ``n`` tokens, as in Kokoro's own voice files. Cloning fits that pack (see fitting.py).
+    """
+
+    name = "kokoro"
+    version = ENGINE_VERSION
+    sample_rate = SAMPLE_RATE
+    stages = ("quick", "refined")
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str],
+        *,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        threads: int | None = None,
+        encoder: Any = None,
+        default_voice: str = DEFAULT_VOICE,
+    ) -> None:
+        """``cache_dir`` receives the joined model; ``encoder`` is a SpeakerEncoder (for cloning)."""
+        self.cache_dir = Path(cache_dir)
+        self.max_chars = int(max_chars)
+        self.threads = threads
+        self.default_voice = default_voice
+        self._encoder = encoder
+        self._files = weights.locate()
+        self.vocab = weights.load_vocab(self._files)
+        self.voices = weights.load_voices(self._files)
+        if default_voice not in self.voices:
+            raise EngineError(f"unknown base voice {default_voice!r}; have {sorted(self.voices)}")
+        self.device = "unloaded"
+        self._session: Any = None
+        self._fitter: Any = None
+        self._fitter_lock = threading.Lock()
+        self.version = f"{ENGINE_VERSION}-{self._files.sha256[:8]}"
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def load(self, device: str = "auto") -> None:
+        """Join/verify the weights if needed, open the ONNX session, run one real synthesis."""
+        import onnxruntime as ort
+
+        providers, resolved = _resolve_providers(device)
+        path = weights.assemble_model(self.cache_dir, self._files)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+        opts.inter_op_num_threads = 1
+        t0 = time.perf_counter()
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own types; a corrupt file lands here
+            raise EngineError(f"cannot load the Kokoro model {path}: {exc}") from exc
+        self.device = resolved if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
+        names = {i.name for i in self._session.get_inputs()}
+        if names != {"tokens", "style", "speed"}:
+            raise EngineError(f"unexpected Kokoro model inputs {sorted(names)}")
+        audio = np.concatenate(list(self.synthesize(_WARMUP_TEXT, self.default_conditioning(), {})))
+        log.info("kokoro loaded on %s in %.2fs (warm-up %.2fs of audio)", self.device,
+                 time.perf_counter() - t0, len(audio) / SAMPLE_RATE)
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def _require_loaded(self) -> None:
+        if self._session is None:
+            raise EngineError("the Kokoro engine is not loaded; call load() first")
+
+    # ----------------------------------------------------------------------------- voices
+
+    def base_conditioning(self, voice: str) -> Conditioning:
+        """One of the stock voices, as a conditioning."""
+        if voice not in self.voices:
+            raise EngineError(f"unknown base voice {voice!r}; have {sorted(self.voices)}")
+        return Conditioning({"style": self.voices[voice]}, {"engine": self.name, "stage": "stock", "voice": voice})
+
+    def default_conditioning(self) -> Conditioning:
+        return self.base_conditioning(self.default_voice)
+
+    @staticmethod
+    def style_pack(conditioning: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The (510, 256) style pack of a conditioning; a single (256,) style is broadcast."""
+        if "style" not in conditioning:
+            raise EngineError("conditioning has no 'style' array (prepared by another engine?)")
+        style = np.asarray(conditioning["style"], dtype=np.float32)
+        if style.size == STYLE_DIM:
+            style = np.broadcast_to(style.reshape(1, STYLE_DIM), (MAX_TOKENS, STYLE_DIM))
+        style = style.reshape(style.shape[0], -1)
+        if style.shape[1] != STYLE_DIM or style.shape[0] < 1 or not np.isfinite(style).all():
+            raise EngineError(f"conditioning style has shape {style.shape}, expected (510, 256), finite")
+        return style
+
+    # ----------------------------------------------------------------------------- text
+
+    def phonemize(self, text_: str, lang: str = "en-us") -> list[str]:
+        """Text -> list of phoneme strings, one per sentence piece, each within MAX_TOKENS."""
+        if not isinstance(lang, str) or not lang or len(lang) > 32:
+            raise ParamError(f"lang must be an espeak language code such as 'en-us', got {lang!r}")
+        pieces: list[str] = []
+        for sentence in text.prepare(text_, lang, self.max_chars):
+            ps = phonemes.phonemize(sentence, lang, self.vocab)
+            if ps:
+                pieces += split_phonemes(ps)
+        if not pieces:
+            raise TextError("text has nothing to pronounce")
+        return pieces
+
+    def tokens(self, ps: str) -> list[int]:
+        return [self.vocab[c] for c in ps if c in self.vocab]
+
+    # ----------------------------------------------------------------------------- synthesis
+
+    def infer(self, tokens: list[int], style_pack: np.ndarray, speed: float = 1.0) -> np.ndarray:
+        """One model call: up to MAX_TOKENS token ids -> float32 audio."""
+        self._require_loaded()
+        if not tokens:
+            return np.zeros(0, np.float32)
+        tokens = tokens[:MAX_TOKENS]
+        style = style_pack[min(len(tokens), style_pack.shape[0] - 1)].reshape(1, STYLE_DIM)
+        out = self._session.run(None, {
+            "tokens": np.asarray([[0, *tokens, 0]], dtype=np.int64),
+            "style": np.ascontiguousarray(style, dtype=np.float32),
+            "speed": np.asarray([speed], dtype=np.float32),
+        })[0]
+        audio = np.asarray(out, dtype=np.float32).reshape(-1)
+        # int8 kernels on unusual styles can overflow; never hand NaNs to a sound card.
+        return np.nan_to_num(np.clip(audio, -1.0, 1.0), nan=0.0)
+
+    def synthesize(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> Iterator[np.ndarray]:
+        """Validate everything eagerly, then return a generator of per-sentence chunks."""
+        self._require_loaded()
+        if not isinstance(params, Mapping):
+            raise ParamError("params must be a mapping")
+        unknown = set(params) - {"speed", "lang", "seed"}
+        if unknown:
+            raise ParamError(f"unknown synthesis parameters: {', '.join(sorted(map(str, unknown)))}")
+        speed = check_speed(params)
+        check_seed(params)  # accepted for the common interface; this ONNX graph is deterministic
+        lang = params.get("lang", "en-us") or "en-us"
+        pack = self.style_pack(conditioning)
+        pieces = self.phonemize(text_, lang)  # raises TextError before any audio is produced
+        return self._generate(pieces, pack, speed)
+
+    def _generate(self, pieces: list[str], pack: np.ndarray, speed: float) -> Iterator[np.ndarray]:
+        for ps in pieces:
+            yield self.infer(self.tokens(ps), pack, speed)
+
+    def synthesize_all(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Whole utterance as one array (convenience for tests and fitting)."""
+        return np.concatenate(list(self.synthesize(text_, conditioning, params or {})))
+
+    # ----------------------------------------------------------------------------- cloning
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            try:
+                from voiced.encoder import SpeakerEncoder
+            except ImportError as exc:
+                raise EngineError("voice cloning needs the speaker encoder (voiced.encoder)") from exc
+            self._encoder = SpeakerEncoder()
+        return self._encoder
+
+    def fitter(self) -> Any:
+        """The voice fitter, built (and its calibration embeddings computed) on first use."""
+        with self._fitter_lock:
+            if self._fitter is None:
+                from voiced.engines.kokoro.fitting import StyleFitter
+
+                self._require_loaded()
+                self._fitter = StyleFitter(self, self.encoder)
+            return self._fitter
+
+    def prepare_voice(
+        self,
+        reference: np.ndarray,
+        embedding: np.ndarray,
+        *,
+        stage: str,
+        budget_s: float | None = None,
+        previous: Conditioning | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Conditioning:
+        if stage not in self.stages:
+            raise ParamError(f"unknown stage {stage!r}; expected one of {self.stages}")
+        emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if emb.shape != (STYLE_DIM,) or not np.isfinite(emb).all() or not np.any(emb):
+            raise EngineError(f"reference embedding must be a finite non-zero (256,) vector, got shape {emb.shape}")
+        fitter = self.fitter()
+        if stage == "quick":
+            return fitter.quick(emb)
+        return fitter.refine(emb, budget_s=budget_s, previous=previous, should_stop=should_stop)

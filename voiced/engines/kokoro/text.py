@@ -1,0 +1,243 @@
+"""User text -> clean sentences: Unicode clean-up, English normalisation, sentence splitting.
+
+Everything here is pure string work (no espeak), so it is cheap to test. English-specific
+rewriting (numbers, currency, dates, abbreviations) only runs for ``en*`` languages; for other
+languages espeak-ng's own number rules read digits in the right language.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from voiced.engines.base import TextError
+
+__all__ = ["clean", "normalize_english", "split_sentences", "number_to_words", "ordinal_words", "prepare"]
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+         "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
+_ORDINAL_IRREGULAR = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                      "nine": "ninth", "twelve": "twelfth"}
+_MONTHS = ("January February March April May June July August September October November December").split()
+
+
+def _below_thousand(n: int) -> str:
+    words: list[str] = []
+    if n >= 100:
+        words += [_ONES[n // 100], "hundred"]
+        n %= 100
+    if n >= 20:
+        words.append(_TENS[n // 10] + (f"-{_ONES[n % 10]}" if n % 10 else ""))
+    elif n or not words:
+        words.append(_ONES[n])
+    return " ".join(words)
+
+
+def number_to_words(n: int) -> str:
+    """Cardinal in words: 1234 -> 'one thousand two hundred thirty-four'."""
+    if n < 0:
+        return "minus " + number_to_words(-n)
+    if n >= 10**15:  # beyond trillions people read digits
+        return " ".join(_ONES[int(d)] for d in str(n))
+    words: list[str] = []
+    for value, name in _SCALES:
+        if n >= value:
+            words += [number_to_words(n // value), name]
+            n %= value
+    if n or not words:
+        words.append(_below_thousand(n))
+    return " ".join(words)
+
+
+def ordinal_words(n: int) -> str:
+    """Ordinal in words: 21 -> 'twenty-first'."""
+    words = number_to_words(n)
+    head, sep, last = words.rpartition("-") if "-" in words.split(" ")[-1] else words.rpartition(" ")
+    if last in _ORDINAL_IRREGULAR:
+        last = _ORDINAL_IRREGULAR[last]
+    elif last.endswith("y"):
+        last = last[:-1] + "ieth"
+    else:
+        last += "th"
+    return head + sep + last
+
+
+def year_words(n: int) -> str:
+    """Year as spoken: 1984 -> 'nineteen eighty-four', 2005 -> 'two thousand five'."""
+    if 2000 <= n <= 2009 or n % 1000 == 0 or n < 1000:
+        return number_to_words(n)
+    hi, lo = divmod(n, 100)
+    if lo == 0:
+        return f"{number_to_words(hi)} hundred"
+    return f"{number_to_words(hi)} {'oh ' if lo < 10 else ''}{number_to_words(lo)}"
+
+
+def _decimal_words(text: str) -> str:
+    whole, _, frac = text.partition(".")
+    out = number_to_words(int(whole.replace(",", "") or 0))
+    if frac:
+        out += " point " + " ".join(_ONES[int(d)] for d in frac)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Unicode clean-up (all languages)
+
+_QUOTE_MAP = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "«": "“", "»": "”", "„": "“", "‟": "“",
+                            "–": "—", "―": "—", "‐": "-", "‑": "-", "\t": " ", "\u00a0": " "})
+
+
+def clean(text: str) -> str:
+    """Strip control/format characters and emoji, unify quotes and dashes, keep newlines."""
+    text = unicodedata.normalize("NFKC", text)
+    text = text.translate(_QUOTE_MAP).replace("\r\n", "\n").replace("\r", "\n")
+    kept: list[str] = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch == "\n" or (cat[0] != "C" and cat not in ("So", "Sk", "Mn") or ch in "\u0303"):
+            kept.append(ch)
+        elif cat == "Mn":  # keep accents on letters (NFKC composed most), drop stray combining marks
+            if kept and kept[-1].isalpha():
+                kept.append(ch)
+        # Cc/Cf/Co/Cs/Cn (controls, zero-width joiners, private use) and So (emoji, symbols) go.
+    text = "".join(kept)
+    text = re.sub(r"\.{3,}", "…", text)
+    text = re.sub(r"\s+-{1,2}\s+|--", " — ", text)
+    # Straight double quotes alternate open/close, so Kokoro sees which side a quote is on.
+    parts = text.split('"')
+    text = "".join(p + ("“" if i % 2 == 0 else "”") for i, p in enumerate(parts[:-1])) + parts[-1]
+    text = re.sub(r"[ ]+", " ", text)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# English normalisation
+
+_ABBREVIATIONS = {
+    "mr": "Mister", "mrs": "Missus", "ms": "Miz", "dr": "Doctor", "prof": "Professor", "st": "Saint",
+    "jr": "Junior", "sr": "Senior", "mt": "Mount", "gen": "General", "capt": "Captain", "lt": "Lieutenant",
+    "col": "Colonel", "sgt": "Sergeant", "rev": "Reverend", "hon": "Honorable", "gov": "Governor",
+    "sen": "Senator", "rep": "Representative", "ave": "Avenue", "blvd": "Boulevard", "rd": "Road",
+    "vs": "versus", "etc": "etcetera", "approx": "approximately", "dept": "department", "est": "established",
+    "jan": "January", "feb": "February", "mar": "March", "apr": "April", "jun": "June", "jul": "July",
+    "aug": "August", "sep": "September", "sept": "September", "oct": "October", "nov": "November",
+    "dec": "December", "inc": "Incorporated", "ltd": "Limited", "co": "Company", "corp": "Corporation",
+}
+_ABBR_RE = re.compile(r"\b(" + "|".join(sorted(_ABBREVIATIONS, key=len, reverse=True)) + r")\.(?=\s|$|,)", re.I)
+_CURRENCIES = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "pounds", "penny", "pence"),
+               "€": ("euro", "euros", "cent", "cents"), "¥": ("yen", "yen", "sen", "sen")}
+_NUM = r"\d{1,3}(?:,\d{3})+|\d+"
+_SCALE_WORDS = r"thousand|million|billion|trillion"
+
+
+def _money(m: re.Match[str]) -> str:
+    one, many, sub_one, sub_many = _CURRENCIES[m.group(1)]
+    whole, frac, scale = m.group(2).replace(",", ""), m.group(3), m.group(4)
+    if scale:
+        amount = _decimal_words(whole + (f".{frac}" if frac else ""))
+        return f"{amount} {scale} {many}"
+    n = int(whole)
+    out = f"{number_to_words(n)} {one if n == 1 else many}"
+    if frac and int(frac.ljust(2, "0")[:2]):
+        cents = int(frac.ljust(2, "0")[:2])
+        out += f" and {number_to_words(cents)} {sub_one if cents == 1 else sub_many}"
+    return out
+
+
+def _date_words(year: int, month: int, day: int) -> str | None:
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return None
+    return f"{_MONTHS[month - 1]} {ordinal_words(day)}, {year_words(year)}"
+
+
+def _iso_date(m: re.Match[str]) -> str:
+    return _date_words(int(m.group(1)), int(m.group(2)), int(m.group(3))) or m.group(0).replace("-", " ")
+
+
+def _us_date(m: re.Match[str]) -> str:
+    year = int(m.group(3))
+    year = year + 2000 if year < 100 else year
+    return _date_words(year, int(m.group(1)), int(m.group(2))) or m.group(0).replace("/", " ")
+
+
+def _time(m: re.Match[str]) -> str:
+    h, mins, suffix = int(m.group(1)), int(m.group(2)), (m.group(3) or "").lower().replace(".", "")
+    if h > 24 or mins > 59:
+        return m.group(0)
+    out = number_to_words(h)
+    if mins == 0:
+        out += "" if suffix else " o'clock"
+    elif mins < 10:
+        out += f" oh {number_to_words(mins)}"
+    else:
+        out += f" {number_to_words(mins)}"
+    return out + (f" {' '.join(suffix.upper())}" if suffix else "")
+
+
+def _number(m: re.Match[str]) -> str:
+    raw = m.group(0)
+    if "." in raw:
+        return _decimal_words(raw)
+    plain = raw.replace(",", "")
+    n = int(plain)
+    if "," not in raw and len(plain) == 4 and 1100 <= n <= 2099:
+        return year_words(n)
+    if len(plain) > 1 and plain.startswith("0"):  # codes, PINs: digit by digit
+        return " ".join(_ONES[int(d)] for d in plain)
+    return number_to_words(n)
+
+
+def normalize_english(text: str) -> str:
+    """Spell out what espeak reads badly or literally: money, dates, times, numbers, abbreviations."""
+    text = _ABBR_RE.sub(lambda m: _ABBREVIATIONS[m.group(1).lower()], text)
+    text = re.sub(r"\bNo\.(?=\s*\d)", "number", text)
+    text = re.sub(r"\b(e\.g|i\.e)\.", lambda m: "for example" if m.group(1) == "e.g" else "that is", text)
+    text = re.sub(r"\b(\d{4})-(\d{2})-(\d{2})\b", _iso_date, text)
+    text = re.sub(r"\b(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})\b", _us_date, text)
+    months = "|".join(_MONTHS)
+    text = re.sub(rf"\b({months}) (\d{{1,2}})(?:st|nd|rd|th)?\b(?!:)", lambda m: f"{m.group(1)} {ordinal_words(int(m.group(2)))}", text)
+    text = re.sub(r"\b(\d{1,2}):(\d{2})\s*([AaPp]\.?[Mm]\.?)?(?=\W|$)", _time, text)
+    text = re.sub(rf"([$£€¥])\s?({_NUM})(?:\.(\d+))?(?:\s?({_SCALE_WORDS})\b)?", _money, text)
+    text = re.sub(rf"({_NUM})(?:\.(\d+))?\s?%", lambda m: _decimal_words(m.group(1).replace(",", "") + (f".{m.group(2)}" if m.group(2) else "")) + " percent", text)
+    text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), text)
+    text = re.sub(r"(?<![\w.])-(?=\d)", "minus ", text)
+    text = re.sub(rf"\b(?:{_NUM})(?:\.\d+)?\b", _number, text)
+    text = text.replace("&", " and ").replace("@", " at ").replace("+", " plus ").replace("=", " equals ")
+    text = text.replace("#", " number ").replace("/", " slash ").replace("*", " ").replace("_", " ")
+    return re.sub(r"[ ]+", " ", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentences
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[”)'\]]*\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split at sentence ends and at line breaks (a line without final punctuation gets a '.')."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        if line[-1] not in ".!?…;:,”)":
+            line += "."
+        out += [s.strip() for s in _SENTENCE_END.split(line) if s.strip()]
+    return out
+
+
+def prepare(text: str, lang: str, max_chars: int) -> list[str]:
+    """Validate, clean, normalise and split ``text``; raise TextError if nothing is left."""
+    if not isinstance(text, str):
+        raise TextError(f"text must be a string, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise TextError(f"text is too long: {len(text)} characters, the limit is {max_chars}")
+    text = clean(text)
+    if lang.lower().startswith("en"):
+        text = normalize_english(text)
+    sentences = [s for s in split_sentences(text) if any(ch.isalnum() for ch in s)]
+    if not sentences:
+        raise TextError("text is empty or has nothing to pronounce")
+    return sentences
