@@ -101,6 +101,8 @@ class EngineConfig:
     """The synthesis engine, by its registered name."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
+    refine_budget_s: float = 60.0
+    """Time a voice's later preparation stages (e.g. kokoro's refined fit) may take, per voice."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Engine-specific options (see the engine's documentation)."""
 

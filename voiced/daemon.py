@@ -85,7 +85,8 @@ class Daemon:
         self.engine.load(config.engine.device)
         log.info("engine %s@%s loaded and warm in %.1fs", self.engine.name, self.engine.version, time.monotonic() - started)
         self.library = Library(
-            config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess
+            config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess,
+            stage_budget_s=config.engine.refine_budget_s,
         )
         self.server = Server(config.server, self)
         self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)

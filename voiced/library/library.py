@@ -56,9 +56,10 @@ class StagedPreparer(Protocol):
         embedding: np.ndarray,
         *,
         stage: str,
-        previous: Mapping[str, np.ndarray] | None,
-        should_stop: Callable[[], bool] | None,
-    ) -> Mapping[str, np.ndarray]: ...
+        budget_s: float | None = None,
+        previous: Conditioning | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Conditioning: ...
 
 
 VoiceListener = Callable[[str, dict[str, Any]], None]
@@ -93,6 +94,7 @@ class Library:
         *,
         engine: StagedPreparer | None = None,
         preprocess: bool = True,
+        stage_budget_s: float | None = None,
         listeners: Iterable[VoiceListener] = (),
     ) -> None:
         self.config = config
@@ -101,6 +103,7 @@ class Library:
         self.encoder = encoder
         self.engine = engine
         self.preprocess = preprocess
+        self.stage_budget_s = stage_budget_s
         self.listeners: list[VoiceListener] = list(listeners)
         self.encoder_producer = f"{encoder.model_id}@{encoder.version}"
         self.embedding_kind = embedding_kind(preprocess, config.max_duration_s)
@@ -672,7 +675,8 @@ class Library:
 
         for stage in stages[start:]:
             conditioning = self.engine.prepare_voice(
-                audio.samples, arrays["embedding"], stage=stage, previous=previous, should_stop=should_stop
+                audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
+                previous=previous, should_stop=should_stop,
             )
             if should_stop():
                 # the engine returned early to make way: what it has is not the stage's result;

@@ -1,0 +1,496 @@
+"""The real daemon as a subprocess, talked to over real ZeroMQ sockets with the real client.
+
+One daemon is started for the module (loading the model is the slow part); every test uses
+its own voice files so tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import soundfile as sf
+import zmq
+
+from voiced.cache import Cache, sha256_file
+from voiced.client import Client, RequestError
+
+TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DaemonProcess:
+    def __init__(self, root: Path, extra_config: str = "") -> None:
+        self.root = root
+        self.voices = root / "voices"
+        self.voices.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = root / "cache"
+        self.port = free_port()
+        self.tcp = f"tcp://127.0.0.1:{self.port}"
+        self.ipc = f"ipc://{root}/voiced.sock"
+        self.config = root / "voiced.toml"
+        self.config.write_text(
+            f"""
+[voices]
+dir = "{self.voices}"
+settle_s = 0.3
+rename_grace_s = 0.5
+[cache]
+dir = "{self.cache_dir}"
+[engine]
+refine_budget_s = 2.0
+[server]
+endpoints = ["{self.tcp}", "{self.ipc}"]
+queue_size = 8
+max_text_chars = 2000
+{extra_config}
+"""
+        )
+        self.log = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> "DaemonProcess":
+        self._log_fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "voiced", "serve", "--config", str(self.config)],
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + TIMEOUT
+        with Client(self.tcp, timeout_s=1.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                try:
+                    client.ping()
+                    return self
+                except Exception:
+                    time.sleep(0.2)
+        raise AssertionError(f"daemon did not answer within {TIMEOUT}s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_fh.close()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def client(self, **kwargs: Any) -> Client:
+        return Client(self.tcp, timeout_s=kwargs.pop("timeout_s", TIMEOUT), **kwargs)
+
+    def wait_voice(self, name: str, predicate: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen: dict[str, Any] | None = None
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                seen = next((v for v in client.voices() if v["name"] == name), None)
+                if predicate(seen):
+                    return seen  # type: ignore[return-value]
+                time.sleep(0.05)
+        raise AssertionError(f"voice {name}: condition not met; last seen {seen}\n{self.log.read_text()[-3000:]}")
+
+    def wait_ready(self, name: str, **fields: Any) -> dict[str, Any]:
+        return self.wait_voice(
+            name, lambda v: v is not None and v["state"] == "ready" and all(v.get(k) == x for k, x in fields.items())
+        )
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon")).start()
+    yield d
+    assert d.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def clips(testdata_dir: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (testdata_dir / "voices").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def speaker(daemon: DaemonProcess, clips: dict[str, Path]) -> str:
+    """A voice prepared once for the synthesis tests."""
+    shutil.copyfile(clips["allison_a"], daemon.voices / "allison.wav")
+    daemon.wait_ready("allison")
+    return "allison"
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    return sf.read(io.BytesIO(data), dtype="float32")
+
+
+# ---------------------------------------------------------------------------- basics
+
+
+def test_ping_and_status(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        pong = client.ping()
+        assert pong["protocol"] == 1 and pong["version"]
+        status = client.status()
+    for key in ("uptime_s", "version", "device", "model", "queue", "voices", "rss_bytes", "cache", "requests"):
+        assert key in status, key
+    assert status["device"] == "cpu"
+    assert status["rss_bytes"] > 10 * 2**20
+    assert set(status["voices"]) == {"pending", "preparing", "ready", "failed"}
+
+
+def test_ipc_endpoint(daemon: DaemonProcess) -> None:
+    with Client(daemon.ipc, timeout_s=10) as client:
+        assert client.ping()["protocol"] == 1
+
+
+def test_plain_req_socket(daemon: DaemonProcess) -> None:
+    ctx = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(daemon.tcp)
+    try:
+        req.send(json.dumps({"op": "ping", "id": 7}).encode())
+        assert req.poll(10000)
+        header = json.loads(req.recv_multipart()[0])
+        assert header == {"id": 7, "ok": True, "version": header["version"], "protocol": 1}
+    finally:
+        req.close(0)
+
+
+# ---------------------------------------------------------------------------- the folder, through the daemon
+
+
+def test_voice_lifecycle_through_the_daemon(daemon: DaemonProcess, clips: dict[str, Path]) -> None:
+    target = daemon.voices / "life.wav"
+    shutil.copyfile(clips["june_a"], target)
+    first = daemon.wait_ready("life")
+    assert first["sha256"] == sha256_file(clips["june_a"])
+    assert first["stage"] in ("quick", "refined")
+
+    # rename: ready again under the new name without preparing (same sha256, never "preparing")
+    states: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with daemon.client() as client:
+            while not stop.is_set():
+                for v in client.voices():
+                    if v["name"] == "life-renamed":
+                        states.append(v["state"])
+                time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        os.rename(target, daemon.voices / "life-renamed.wav")
+        renamed = daemon.wait_ready("life-renamed")
+        daemon.wait_voice("life", lambda v: v is None)
+    finally:
+        stop.set()
+        watcher.join()
+    assert renamed["sha256"] == first["sha256"]
+    assert "preparing" not in states, states
+
+    # changed content: prepared again, new hash
+    shutil.copyfile(clips["june_b"], daemon.voices / "life-renamed.wav")
+    changed = daemon.wait_ready("life-renamed", sha256=sha256_file(clips["june_b"]))
+    assert changed["sha256"] != first["sha256"]
+
+    # deleted: gone from voices, and its cache entries evicted after the grace period
+    (daemon.voices / "life-renamed.wav").unlink()
+    daemon.wait_voice("life-renamed", lambda v: v is None)
+    deadline = time.monotonic() + 30
+    with Cache(daemon.cache_dir) as cache:
+        while cache.entries_for(changed["sha256"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cache.entries_for(changed["sha256"]) == []
+
+
+def test_embed_op(daemon: DaemonProcess, speaker: str, speaker_encoder: Any, clips: dict[str, Path]) -> None:
+    with daemon.client() as client:
+        reply = client.embed(speaker)
+        assert reply["state"] == "ready" and len(reply["embedding"]) == 256
+        with pytest.raises(RequestError) as info:
+            client.embed("no-such-voice")
+        assert info.value.code == "voice_not_found"
+    ours = speaker_encoder.embed_file(clips["allison_a"])
+    assert float(np.dot(ours, np.asarray(reply["embedding"]))) > 0.999
+
+
+def test_failed_voice_is_reported(daemon: DaemonProcess) -> None:
+    (daemon.voices / "broken.wav").write_bytes(os.urandom(3000))
+    voice = daemon.wait_voice("broken", lambda v: v is not None and v["state"] == "failed")
+    assert voice["error"]
+    with daemon.client() as client, pytest.raises(RequestError) as info:
+        client.synthesize("Hello.", voice="broken")
+    assert info.value.code == "voice_failed"
+    assert voice["error"] in info.value.message
+
+
+# ---------------------------------------------------------------------------- synthesis
+
+
+def test_synthesize_wav(daemon: DaemonProcess, speaker: str) -> None:
+    with daemon.client() as client:
+        short = client.synthesize("Hello there.", voice=speaker)
+        long = client.synthesize("Hello there. This sentence is a good deal longer than the first one.", voice=speaker)
+    audio, rate = decode(short.audio)
+    assert rate == short.header["sample_rate"] == 24000
+    assert short.header["voice"]["name"] == speaker and short.header["voice"]["sha256"]
+    assert short.header["voice"]["stage"] in ("quick", "refined")
+    assert abs(len(audio) / rate - short.header["duration_s"]) < 0.01
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0.05
+    assert short.header["engine_s"] > 0
+    long_audio, _ = decode(long.audio)
+    assert len(long_audio) > 2 * len(audio)
+
+
+@pytest.mark.parametrize("fmt", ["flac", "ogg", "mp3", "pcm_s16le", "pcm_f32le"])
+def test_formats_and_resampling(daemon: DaemonProcess, speaker: str, fmt: str) -> None:
+    with daemon.client() as client:
+        reply = client.synthesize("Formats.", voice=speaker, format=fmt, sample_rate=16000)
+    assert reply.header["format"] == fmt and reply.header["sample_rate"] == 16000
+    if fmt == "pcm_s16le":
+        n = len(reply.audio) // 2
+    elif fmt == "pcm_f32le":
+        n = len(reply.audio) // 4
+        assert np.isfinite(np.frombuffer(reply.audio, "<f4")).all()
+    else:
+        audio, rate = decode(reply.audio)
+        assert rate == 16000
+        n = len(audio)
+    assert abs(n / 16000 - reply.header["duration_s"]) < 0.1
+
+
+def test_streaming_sends_a_chunk_per_sentence(daemon: DaemonProcess, speaker: str) -> None:
+    text = "The first sentence is here. A second one follows it. And a third ends the text."
+    with daemon.client() as client:
+        chunks = list(client.stream(text, voice=speaker, format="pcm_s16le"))
+        whole = client.synthesize(text, voice=speaker, format="pcm_s16le")
+    assert [c.header["seq"] for c in chunks] == list(range(len(chunks)))
+    assert chunks[-1].header["final"] is True and all(not c.header["final"] for c in chunks[:-1])
+    assert len(chunks) >= 3  # at least one chunk per sentence before the final message
+    streamed = b"".join(c.audio for c in chunks)
+    assert len(streamed) == len(whole.audio)
+
+
+def test_same_request_same_audio(daemon: DaemonProcess, speaker: str) -> None:
+    with daemon.client() as client:
+        a = client.synthesize("Repeatable output.", voice=speaker, format="pcm_f32le", params={"seed": 3})
+        b = client.synthesize("Repeatable output.", voice=speaker, format="pcm_f32le", params={"seed": 3})
+    if a.header["voice"]["stage"] == b.header["voice"]["stage"]:
+        assert a.audio == b.audio
+
+
+def test_voice_not_ready_and_wait(daemon: DaemonProcess, clips: dict[str, Path]) -> None:
+    shutil.copyfile(clips["carlo_a"], daemon.voices / "late.wav")
+    with daemon.client() as client:
+        try:
+            client.synthesize("Too early.", voice="late")
+        except RequestError as exc:
+            assert exc.code == "voice_not_ready"
+            assert exc.header["error"]["state"] in ("pending", "preparing")
+        reply = client.synthesize("Worth the wait.", voice="late", wait_s=90)
+    assert reply.header["voice"]["name"] == "late"
+    assert len(reply.audio) > 1000
+
+
+# ---------------------------------------------------------------------------- concurrency and limits
+
+
+def test_many_clients_each_get_their_own_answer(daemon: DaemonProcess, speaker: str) -> None:
+    errors: list[str] = []
+
+    def client_thread(n: int) -> None:
+        try:
+            with daemon.client() as client:
+                for i in range(20):
+                    op = i % 4
+                    if op == 0:
+                        words = " ".join(["word"] * (1 + (n + i) % 5))
+                        reply = client.synthesize(f"{words}.", voice=speaker, format="pcm_s16le")
+                        assert reply.header["voice"]["name"] == speaker
+                        assert len(reply.audio) > 0
+                    elif op == 1:
+                        assert client.ping()["protocol"] == 1
+                    elif op == 2:
+                        assert any(v["name"] == speaker for v in client.voices())
+                    else:
+                        assert "uptime_s" in client.status()
+        except RequestError as exc:
+            if exc.code != "busy":
+                errors.append(f"client {n}: {exc}")
+        except Exception as exc:  # collected and reported below
+            errors.append(f"client {n}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+
+
+def test_replies_match_request_ids_on_one_socket(daemon: DaemonProcess, speaker: str) -> None:
+    """Several requests in flight on one DEALER: each reply carries its own request's id."""
+    with daemon.client() as client:
+        texts = {client.send("synthesize", text=f"Number {i}.", voice=speaker, format="pcm_s16le"): i for i in range(5)}
+        pings = [client.send("ping") for _ in range(5)]
+        for request_id in pings:
+            assert client.receive(request_id).header["id"] == request_id
+        lengths = {texts[rid]: len(client.receive(rid).audio) for rid in texts}
+    assert len(lengths) == 5 and all(n > 0 for n in lengths.values())
+
+
+def test_ping_is_answered_while_a_long_synthesis_runs(daemon: DaemonProcess, speaker: str) -> None:
+    text = " ".join(f"This is sentence number {i} of a long paragraph." for i in range(12))
+    with daemon.client() as slow, daemon.client() as fast:
+        request_id = slow.send("synthesize", text=text, voice=speaker, format="pcm_s16le")
+        time.sleep(0.2)  # let the worker start on it
+        pong = fast.ping()
+        status = fast.status()
+        # the ping was answered while the synthesis was still running
+        assert status["queue"] >= 1
+        assert not slow._socket.poll(0), "the long synthesis finished before the ping: not a useful check"
+        reply = slow.receive(request_id)
+    assert pong["protocol"] == 1 and len(reply.audio) > 0
+
+
+def test_queue_full_answers_busy_at_once(daemon: DaemonProcess, speaker: str) -> None:
+    with daemon.client() as client:
+        # queue_size is 8: a burst of 24 short requests overfills it before the worker catches up
+        ids = [client.send("synthesize", text=f"Busy {i}.", voice=speaker, format="pcm_s16le") for i in range(24)]
+        outcomes: dict[str, str] = {}
+        for request_id in ids:
+            try:
+                client.receive(request_id)
+                outcomes[request_id] = "ok"
+            except RequestError as exc:
+                outcomes[request_id] = exc.code
+    assert "busy" in outcomes.values(), outcomes
+    assert "ok" in outcomes.values(), outcomes
+    assert set(outcomes.values()) <= {"ok", "busy"}
+
+
+BAD_FRAMES: list[tuple[bytes, str]] = [
+    (b"\xff\xfe not utf8", "bad_request"),
+    (b"{not json", "bad_request"),
+    (b"[1, 2, 3]", "bad_request"),
+    (b'{"id": 1}', "bad_request"),
+    (b'{"op": 5, "id": 1}', "bad_request"),
+    (b'{"op": "dance", "id": 1}', "unknown_op"),
+    (b'{"op": "synthesize", "id": 1, "voice": "x"}', "bad_request"),
+    (b'{"op": "synthesize", "id": 1, "text": 5, "voice": "x"}', "bad_request"),
+    (b'{"op": "synthesize", "id": 1, "text": "hi", "voice": "x", "format": "aiff"}', "bad_request"),
+    (b'{"op": "synthesize", "id": 1, "text": "hi", "voice": "x", "stream": true, "format": "wav"}', "bad_request"),
+    (b'{"op": "synthesize", "id": 1, "text": "hi", "voice": "nobody"}', "voice_not_found"),
+    (b'{"op": "synthesize", "id": 1, "text": "' + b"a" * 2001 + b'", "voice": "x"}', "text_too_long"),
+    (b'{"op": "ping", "id": 1, "extra": {"a": ' + b"[" * 40 + b"]" * 40 + b"}}", "bad_request"),
+    (b'{"op": "ping", "id": {"nested": true}}', "bad_request"),
+    (b'{"op": "ping", "id": 1, "unexpected": 2}', "bad_request"),
+    (b'{"op": "synthesize", "id": 1, "text": "hi", "voice": "x", "params": {"speed": NaN}}', "bad_request"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+def test_malformed_requests_get_the_right_error(daemon: DaemonProcess, frame: bytes, code: str) -> None:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.tcp)
+    try:
+        sock.send(frame)
+        assert sock.poll(10000), "no reply: a malformed request must not be dropped silently"
+        header = json.loads(sock.recv_multipart()[0])
+    finally:
+        sock.close(0)
+    assert header["ok"] is False
+    assert header["error"]["code"] == code, header
+    assert header["error"]["message"]
+    if frame.startswith(b'{"op"') and b'"id": 1' in frame:
+        assert header["id"] == 1
+
+
+def test_bad_params_and_text(daemon: DaemonProcess, speaker: str) -> None:
+    with daemon.client() as client:
+        for params in ({"speed": 9}, {"speed": "fast"}, {"seed": -1}):
+            with pytest.raises(RequestError) as info:
+                client.synthesize("Hello.", voice=speaker, params=params)
+            assert info.value.code == "bad_request", params
+        for text in ("", "   ", "?!...", "\x00\x01\x02"):
+            with pytest.raises(RequestError) as info:
+                client.synthesize(text, voice=speaker)
+            assert info.value.code == "bad_request", repr(text)
+        assert client.ping()["protocol"] == 1  # still serving
+
+
+def test_extra_frames_and_oversized_messages(daemon: DaemonProcess) -> None:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.tcp)
+    try:
+        sock.send_multipart([b'{"op": "ping", "id": 3}', b"extra"])
+        assert sock.poll(10000)
+        header = json.loads(sock.recv_multipart()[0])
+        assert header["error"]["code"] == "bad_request" and header["id"] == 3
+    finally:
+        sock.close(0)
+    # larger than max_message_bytes: the socket refuses it (the peer is disconnected), the daemon lives
+    big = ctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(daemon.tcp)
+    big.send(b"x" * (2 << 20))
+    time.sleep(0.5)
+    big.close(0)
+    with daemon.client() as client:
+        assert client.ping()["protocol"] == 1
+
+
+# ---------------------------------------------------------------------------- signals
+
+
+def test_sighup_reloads_and_sigterm_exits_cleanly(tmp_path: Path, clips: dict[str, Path]) -> None:
+    d = DaemonProcess(tmp_path).start()
+    try:
+        shutil.copyfile(clips["june_b"], d.voices / "june.wav")
+        d.wait_ready("june")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "reloaded" not in d.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reloaded" in d.log.read_text()
+        with d.client() as client:
+            assert client.ping()["protocol"] == 1
+            request_id = client.send("synthesize", text="Finishing this before exit.", voice="june", format="wav")
+            time.sleep(0.1)
+            d.proc.send_signal(signal.SIGTERM)
+            reply = client.receive(request_id)  # in flight when SIGTERM came: still answered
+            assert len(reply.audio) > 1000
+    finally:
+        code = d.stop()
+    assert code == 0
+    assert "voiced stopped" in d.log.read_text()
