@@ -130,6 +130,8 @@ def test_example_config_documents_every_key() -> None:
     for section, cls in cfg._SECTIONS.items():
         assert f"[{section}]" in text, section
         for field in dataclasses.fields(cls):
+            if (section, field.name) == ("plugins", "settings"):
+                continue  # [plugins.NAME] tables, shown as commented examples
             assert f"{field.name} =" in text or f"# {field.name} =" in text, f"[{section}] {field.name}"
 
 

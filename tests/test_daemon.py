@@ -310,8 +310,10 @@ def test_voice_not_ready_and_wait(daemon: DaemonProcess, clips: dict[str, Path])
         try:
             client.synthesize("Too early.", voice="late")
         except RequestError as exc:
-            assert exc.code == "voice_not_ready"
-            assert exc.header["error"]["state"] in ("pending", "preparing")
+            # not seen yet (the copy is still settling), or seen and being prepared
+            assert exc.code in ("voice_not_found", "voice_not_ready"), exc
+            if exc.code == "voice_not_ready":
+                assert exc.header["error"]["state"] in ("pending", "preparing")
         reply = client.synthesize("Worth the wait.", voice="late", wait_s=90)
     assert reply.header["voice"]["name"] == "late"
     assert len(reply.audio) > 1000
@@ -327,7 +329,7 @@ def test_many_clients_each_get_their_own_answer(daemon: DaemonProcess, speaker: 
         try:
             with daemon.client() as client:
                 for i in range(20):
-                    op = i % 4
+                    op = i % 5 if i % 5 < 4 else 1  # one synthesis in five requests
                     if op == 0:
                         words = " ".join(["word"] * (1 + (n + i) % 5))
                         reply = client.synthesize(f"{words}.", voice=speaker, format="pcm_s16le")
@@ -365,7 +367,7 @@ def test_replies_match_request_ids_on_one_socket(daemon: DaemonProcess, speaker:
 
 
 def test_ping_is_answered_while_a_long_synthesis_runs(daemon: DaemonProcess, speaker: str) -> None:
-    text = " ".join(f"This is sentence number {i} of a long paragraph." for i in range(12))
+    text = " ".join(f"This is sentence number {i} of a long paragraph." for i in range(8))
     with daemon.client() as slow, daemon.client() as fast:
         request_id = slow.send("synthesize", text=text, voice=speaker, format="pcm_s16le")
         time.sleep(0.2)  # let the worker start on it

@@ -70,6 +70,9 @@ class Client:
         self._socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{id(self):x}-"
+        # replies that arrived for other requests still awaited on this socket
+        self._pending: set[str] = set()
+        self._early: dict[str, list[Reply | RequestError]] = {}
 
     def close(self) -> None:
         self._socket.close(0)
@@ -87,14 +90,24 @@ class Client:
         request_id = f"{self._prefix}{next(self._ids)}"
         body = {"op": op, "id": request_id, **{k: v for k, v in fields.items() if v is not None}}
         self._socket.send(json.dumps(body).encode("utf-8"))
+        self._pending.add(request_id)
         return request_id
 
     def receive(self, request_id: str, timeout_s: float | None = None) -> Reply:
-        """The next message answering ``request_id`` (stale answers to timed-out requests are dropped)."""
+        """The next message answering ``request_id``.
+
+        Replies to other requests in flight on this client are kept for their own ``receive``;
+        replies to requests nobody awaits any more (timed out) are dropped.
+        """
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
+            early = self._early.get(request_id)
+            if early:
+                return self._deliver(request_id, early.pop(0))
             left = deadline - time.monotonic()
             if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
+                self._pending.discard(request_id)
+                self._early.pop(request_id, None)
                 raise ClientTimeout(f"no answer from {self.endpoint} within {self.timeout_s:g}s")
             parts = self._socket.recv_multipart()
             if parts and parts[0] == b"":
@@ -103,12 +116,29 @@ class Client:
                 header = json.loads(parts[0])
             except (ValueError, IndexError):
                 continue
-            if header.get("id") != request_id:
-                continue
+            reply_id = header.get("id")
             if not header.get("ok"):
                 error = header.get("error") or {}
-                raise RequestError(error.get("code", "internal"), error.get("message", "unknown error"), header)
-            return Reply(header, parts[1:])
+                outcome: Reply | RequestError = RequestError(
+                    error.get("code", "internal"), error.get("message", "unknown error"), header
+                )
+            else:
+                outcome = Reply(header, parts[1:])
+            if reply_id == request_id:
+                return self._deliver(request_id, outcome)
+            if reply_id in self._pending:
+                self._early.setdefault(reply_id, []).append(outcome)
+
+    def _deliver(self, request_id: str, outcome: Reply | RequestError) -> Reply:
+        header = outcome.header
+        if header.get("final", True) or not header.get("ok", True):
+            # the last message for this id (a plain reply, a stream's final one, or an error)
+            self._pending.discard(request_id)
+            if not self._early.get(request_id):
+                self._early.pop(request_id, None)
+        if isinstance(outcome, RequestError):
+            raise outcome
+        return outcome
 
     def request(self, op: str, **fields: Any) -> Reply:
         return self.receive(self.send(op, **fields))

@@ -129,6 +129,9 @@ class PluginsConfig:
     """First-party plugins (from plugins/) to enable, by name."""
     paths: tuple[Path, ...] = ()
     """Extra folders of plugin modules."""
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Each plugin's table ``[plugins.NAME]``, as written; validated by voiced.plugins.PluginHost
+    against the plugin's ``Settings`` (it knows the plugin's keys and types)."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,10 @@ def _build_section(cls: type, section: str, values: Mapping[str, Any], where: st
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    if section == "plugins":  # [plugins.NAME] sub-tables are the plugins' own settings
+        known.discard("settings")
+        kwargs["settings"] = {k: dict(v) for k, v in values.items() if isinstance(v, dict) and k not in known}
+        values = {k: v for k, v in values.items() if k not in kwargs["settings"]}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(
@@ -360,6 +367,8 @@ def to_dict(config: Config) -> dict[str, Any]:
     for name in _SECTIONS:
         section = getattr(config, name)
         out[name] = {f.name: plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+    # [plugins.NAME] tables print as sub-tables of [plugins], as they are written
+    out["plugins"].update(out["plugins"].pop("settings", {}))
     return out
 
 

@@ -24,9 +24,10 @@ from voiced.cache import Cache
 from voiced.config import Config, ensure_dirs, load_config
 from voiced.encoder import SpeakerEncoder
 from voiced.engines import Engine
-from voiced.errors import ConfigError, VoicedError
+from voiced.errors import VoicedError
 from voiced.library import Library, VoiceState
 from voiced.notify import Notifier, WatchdogPinger
+from voiced.plugins import PluginHost
 from voiced.protocol import VOICE_FAILED, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError
 from voiced.server import Server
 from voiced.watcher import FolderWatcher
@@ -34,18 +35,10 @@ from voiced.watcher import FolderWatcher
 log = logging.getLogger(__name__)
 
 
-def create_engine(config: Config, encoder: SpeakerEncoder) -> Engine:
-    """The configured engine (built-in: kokoro), constructed but not loaded."""
-    name = config.engine.name
-    options = dict(config.engine.options)
-    if name == "kokoro":
-        from voiced.engines.kokoro import KokoroEngine
-
-        try:
-            return KokoroEngine(config.cache.dir / "models", encoder=encoder, **options)
-        except TypeError as exc:
-            raise ConfigError(f"{config.source or 'config'}: [engine] options: {exc}") from None
-    raise ConfigError(f"{config.source or 'config'}: [engine] name: unknown engine {name!r} (built-in: kokoro)")
+def create_engine(config: Config, encoder: SpeakerEncoder, plugins: PluginHost | None = None) -> Engine:
+    """The configured engine (registered by a plugin; built-in: kokoro), constructed but not loaded."""
+    plugins = plugins or PluginHost(config.plugins, source=config.source)
+    return plugins.create_engine(config.engine, config.cache.dir, encoder)
 
 
 class Daemon:
@@ -59,6 +52,7 @@ class Daemon:
         self.library: Library | None = None
         self.watcher: FolderWatcher | None = None
         self.server: Server | None = None
+        self.plugins: PluginHost | None = None
         self.pinger: WatchdogPinger | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -70,6 +64,8 @@ class Daemon:
     def start(self) -> None:
         config = self.config
         ensure_dirs(config)
+        # plugins first: a bad plugin or setting fails before minutes of model loading
+        self.plugins = PluginHost(config.plugins, source=config.source)
         limit = int(config.cache.size_limit_mb * 1024 * 1024) or None
         self.cache = Cache(config.cache.dir, size_limit_bytes=limit)
         self.notifier.status("loading the speaker encoder")
@@ -81,19 +77,30 @@ class Daemon:
         )
         log.info("speaker encoder %s@%s on %s", self.encoder.model_id, self.encoder.version, self.encoder.device)
         self.notifier.status(f"loading the {config.engine.name} engine")
-        self.engine = create_engine(config, self.encoder)
+        self.engine = create_engine(config, self.encoder, self.plugins)
         self.engine.load(config.engine.device)
         log.info("engine %s@%s loaded and warm in %.1fs", self.engine.name, self.engine.version, time.monotonic() - started)
         self.library = Library(
             config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess,
-            stage_budget_s=config.engine.refine_budget_s,
+            stage_budget_s=config.engine.refine_budget_s, listeners=[self.plugins.voice_event],
         )
-        self.server = Server(config.server, self)
+        self.server = Server(config.server, self, plugins=self.plugins)
         self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)
         self.library.start()
         self.watcher = FolderWatcher(self.library, config.voices)
         self.watcher.start()
         self.server.start()
+        self.plugins.startup({
+            "version": __version__,
+            "pid": os.getpid(),
+            "endpoints": list(self.server.endpoints),
+            "engine": f"{self.engine.name}@{self.engine.version}",
+            "device": getattr(self.engine, "device", "cpu"),
+            "sample_rate": self.engine.sample_rate,
+            "voices_dir": str(config.voices.dir),
+            "cache_dir": str(config.cache.dir),
+            "config": str(config.source) if config.source else None,
+        })
         self.notifier.ready(self.status_line())
         interval = self.notifier.watchdog_interval()
         if interval:
@@ -117,6 +124,8 @@ class Daemon:
             self.library.stop(timeout=self.config.server.stop_timeout_s)
         if self.server is not None:
             self.server.stop()
+        if self.plugins is not None:
+            self.plugins.shutdown()
         if self.cache is not None:
             try:
                 self.cache.collect_garbage(self.config.voices.rename_grace_s)
@@ -160,7 +169,7 @@ class Daemon:
         except VoicedError as exc:
             log.error("reload: keeping the running configuration: %s", exc)
         else:
-            for section in ("voices", "cache", "encoder", "engine", "server"):
+            for section in ("voices", "cache", "encoder", "engine", "server", "plugins"):
                 if getattr(fresh, section) != getattr(self.config, section):
                     log.warning("reload: [%s] changed; restart the daemon to apply it", section)
             logging.getLogger().setLevel(fresh.log.level.upper())
@@ -244,6 +253,8 @@ class Daemon:
                 "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
             },
         }
+        if self.plugins is not None:
+            status["plugins"] = self.plugins.status()
         if self.server is not None:
             summary = self.server.summary()
             status["queue"] = summary.pop("queue")

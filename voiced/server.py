@@ -29,11 +29,13 @@ from voiced import __version__
 from voiced.audio_out import AudioWriter
 from voiced.config import ServerConfig
 from voiced.errors import VoicedError
+from voiced.plugins import PluginError, PluginHost, new_request
 from voiced.protocol import (
     BAD_REQUEST,
     BUSY,
     INTERNAL,
     PROTOCOL_VERSION,
+    VOICE_NOT_FOUND,
     VOICE_NOT_READY,
     Limits,
     ProtocolError,
@@ -110,9 +112,13 @@ class ServerStats:
 
 
 class Server:
-    def __init__(self, config: ServerConfig, backend: Backend, *, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, backend: Backend, *, context: zmq.Context | None = None,
+        plugins: PluginHost | None = None,
+    ) -> None:
         self.config = config
         self.backend = backend
+        self.plugins = plugins
         self.limits = Limits(max_text_chars=config.max_text_chars, max_json_depth=config.max_json_depth)
         self.context = context or zmq.Context.instance()
         self.stats = ServerStats()
@@ -299,7 +305,7 @@ class Server:
         if not self._accepting:
             self.stats.busy += 1
             raise ProtocolError(BUSY, "the daemon is shutting down")
-        found = self.backend.voice_for_synthesis(job.request.fields["voice"])
+        found = self._find_voice(job, time.monotonic())
         if found is None:
             wait_s = float(job.request.fields.get("wait_s") or 0)
             if wait_s <= 0:
@@ -310,6 +316,15 @@ class Server:
             return []
         job.voice, job.conditioning = found
         return self._enqueue(job)
+
+    def _find_voice(self, job: Job, now: float) -> tuple[dict[str, Any], Any] | None:
+        """The voice if it can be spoken; None to keep waiting (a file just dropped may not be known yet)."""
+        try:
+            return self.backend.voice_for_synthesis(job.request.fields["voice"])
+        except ProtocolError as exc:
+            if exc.code == VOICE_NOT_FOUND and job.request.fields.get("wait_s") and now < job.deadline:
+                return None
+            raise
 
     def _not_ready(self, name: str) -> ProtocolError:
         voice = next((v for v in self.backend.voices() if v["name"] == name), None)
@@ -334,7 +349,7 @@ class Server:
         still: list[Job] = []
         for job in waiting:
             try:
-                found = self.backend.voice_for_synthesis(job.request.fields["voice"])
+                found = self._find_voice(job, now)
                 if found is not None:
                     job.voice, job.conditioning = found
                     self._enqueue(job)
@@ -394,9 +409,22 @@ class Server:
         if voice.get("stage"):
             header["voice"]["stage"] = voice["stage"]
         engine_s = 0.0
+        plugins = self.plugins
+        rate = self.backend.sample_rate
+        info: dict[str, Any] = {}
+        post = keep = False
+        kept: list[np.ndarray] = []  # the reply's audio, for post-processing whole replies and synthesis_done
         try:
-            writer = AudioWriter(fmt, self.backend.sample_rate, fields.get("sample_rate"))
-            chunks = self.backend.synthesize(fields["text"], job.conditioning, fields.get("params") or {})
+            writer = AudioWriter(fmt, rate, fields.get("sample_rate"))
+            params = fields.get("params") or {}
+            text = fields["text"]
+            if plugins is not None:
+                info = new_request(text=text, voice=voice, params=params, fmt=fmt, stream=stream, request_id=request.id)
+                text = plugins.preprocess_text(text, str(voice.get("name")), params)
+                info["spoken_text"] = text
+                post = plugins.has_hook("voiced_postprocess_audio")
+                keep = plugins.has_hook("voiced_synthesis_done")
+            chunks = self.backend.synthesize(text, job.conditioning, params)
             seq = 0
             body: list[bytes] = []
             while True:
@@ -408,14 +436,34 @@ class Server:
                     break
                 engine_s += time.monotonic() - started
                 self.worker_heartbeat = time.monotonic()
-                data = writer.feed(chunk)
                 if stream:
+                    if post:
+                        chunk = plugins.postprocess_audio(chunk, rate, {**info, "seq": seq, "final": False})
+                    if keep:
+                        kept.append(chunk)
+                    data = writer.feed(chunk)
                     part = {"id": request.id, "ok": True, "seq": seq, "final": False, **header}
                     push.send_multipart(job.envelope + [encode(part), data])
                     seq += 1
+                elif post or keep:
+                    kept.append(chunk)  # whole replies are post-processed as one signal
                 else:
-                    body.append(data)
+                    body.append(writer.feed(chunk))
+            if stream and post:  # the end of a stream: plugins may add a tail (e.g. padding)
+                end = plugins.postprocess_audio(np.zeros(0, np.float32), rate, {**info, "seq": seq, "final": True})
+                if keep:
+                    kept.append(end)
+                body.append(writer.feed(end))
+            elif not stream and (post or keep):
+                whole = np.concatenate(kept) if kept else np.zeros(0, np.float32)
+                if post:
+                    whole = plugins.postprocess_audio(whole, rate, {**info, "seq": 0, "final": True})
+                kept = [whole]
+                body.append(writer.feed(whole))
             tail = writer.finish()
+        except PluginError as exc:  # before VoicedError: a plugin's failure is ours, not the client's
+            self._fail(job, push, INTERNAL, str(exc))
+            return
         except ProtocolError as exc:
             self._fail(job, push, exc.code, exc.message)
             return
@@ -437,10 +485,13 @@ class Server:
         }
         if stream:
             final.update(seq=seq, final=True)
-            push.send_multipart(job.envelope + [encode(final), tail])
-        else:
-            push.send_multipart(job.envelope + [encode(final), b"".join(body) + tail])
+        push.send_multipart(job.envelope + [encode(final), b"".join(body) + tail])
         self.stats.observe(total_s, True)
+        if keep and plugins is not None:  # after the reply is on its way; never raises
+            audio = np.concatenate(kept) if kept else np.zeros(0, np.float32)
+            timings = {"queue_s": round(queued_s, 6), "engine_s": round(engine_s, 6), "total_s": round(total_s, 6),
+                       "duration_s": round(writer.duration_s, 4)}
+            plugins.synthesis_done({**info, "seq": seq, "final": True}, audio, rate, timings)
 
     def _fail(self, job: Job, push: zmq.Socket, code: str, message: str) -> None:
         self.stats.observe(time.monotonic() - job.received, False)

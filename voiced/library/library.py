@@ -243,9 +243,6 @@ class Library:
             self._remove(path, reason="no longer in the folder")
         hashed: list[FileRecord] = []
         for path, st in sorted(found.items()):
-            if recent_s and now_ns - st.st_mtime_ns < recent_s * 1e9:
-                recent.append(path)
-                continue
             with self._lock:
                 current = self._voices.get(path)
                 if current is not None and _same_file(current, st):
@@ -254,8 +251,11 @@ class Library:
             record = records.get(path)
             sha: str | None = None
             if record is not None and (record.size, record.mtime_ns, record.inode) == (st.st_size, st.st_mtime_ns, st.st_ino):
-                sha = record.sha256
+                sha = record.sha256  # hashed complete before, unchanged since
                 unchanged += 1
+            elif recent_s and now_ns - st.st_mtime_ns < recent_s * 1e9:
+                recent.append(path)  # may still be being written: the settle tracker decides
+                continue
             elif st.st_size > 0 and not os.path.islink(self.root / path):
                 # hashed here, in bulk, so a folder of cached voices is ready without the worker;
                 # symlinks and unreadable files are left to the worker, which explains failures

@@ -147,6 +147,10 @@ class KokoroEngine(Engine):
         audio = np.concatenate(list(self.synthesize(_WARMUP_TEXT, self.default_conditioning(), {})))
         log.info("kokoro loaded on %s in %.2fs (warm-up %.2fs of audio)", self.device,
                  time.perf_counter() - t0, len(audio) / SAMPLE_RATE)
+        if self._encoder is not None:
+            # Embeddings of the base voices' calibration speech (a few seconds, cached on disk)
+            # so the quick stage is ready within about a second of a reference embedding.
+            self.fitter()
 
     @property
     def loaded(self) -> bool:
@@ -170,7 +174,7 @@ class KokoroEngine(Engine):
     @staticmethod
     def style_pack(conditioning: Mapping[str, np.ndarray]) -> np.ndarray:
         """The (510, 256) style pack of a conditioning; a single (256,) style is broadcast."""
-        if "style" not in conditioning:
+        if not isinstance(conditioning, Mapping) or "style" not in conditioning:
             raise EngineError("conditioning has no 'style' array (prepared by another engine?)")
         style = np.asarray(conditioning["style"], dtype=np.float32)
         if style.size == STYLE_DIM:

@@ -8,10 +8,13 @@ daemon judges it, by the GE2E speaker encoder on the synthesized audio (24 kHz -
   calibration text is computed once (and cached on disk); the blend weights maximise the cosine
   between the target and the weighted mean of those embeddings (a fast surrogate, milliseconds),
   then one real synthesis checks the blend really beats the best single voice.
-* refined: CMA-ES over a low-dimensional parametrisation (blend logits + offsets along the main
-  directions of variation of the base styles), scored by real synthesis + GE2E, with a penalty
-  for drifting out of the base voices' region (far-off styles lose intelligibility). The search
-  is seeded from the embedding's bytes, so one reference always gives one result.
+* refined: derivative-free search from the quick blend, scored by real synthesis + GE2E, with a
+  penalty (and a hard cap) on drifting out of the base styles' region (far-off styles lose
+  intelligibility). Default: trust-region Gauss-Newton on the 256-d embedding with a finite-
+  difference + Broyden Jacobian over offsets along the base styles' principal directions, per
+  half; alternative: CMA-ES on blend logits + the same offsets, seeded from the embedding's
+  bytes. Both are deterministic for a given reference when they stop on ``max_evals``; a time
+  budget can cut them at a machine-dependent point.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ log = logging.getLogger(__name__)
 
 # One short, phonetically varied text: each evaluation is a real synthesis (~1 s on 2 cores), so
 # its length sets how many candidates a time budget affords.
-CALIBRATION_TEXTS = ("Could you call me back this evening? The quick brown fox jumped over it.",)
+CALIBRATION_TEXTS = ("Could you call me back this evening? The fox jumped.",)
 EMBED_RATE = 16_000
 DEFAULT_REFINE_BUDGET_S = 60.0
-N_OFFSET_DIMS = 8  # offsets along principal directions of the base styles, beyond the blend
+N_OFFSET_DIMS = 4  # per half (timbre, prosody): offsets along the base styles' principal directions
+FD_STEP = 0.7  # finite-difference step, in base-style stds (smaller drowns in the encoder's noise)
+VOICE_DIRECTIONS = False  # also search along per-half directions towards each base voice
+MAX_DRIFT = 4.0  # how far (in stds) refined styles may move from the quick blend
 DRIFT_PENALTY = 0.02  # cosine points lost per unit (std-scaled) squared offset, averaged over dims
 FIT_VERSION = "fit1"
 
@@ -169,16 +175,22 @@ class StyleFitter:
     # ----------------------------------------------------------------------------- helpers
 
     def _offset_basis(self) -> np.ndarray:
-        """(N_OFFSET_DIMS, 256) directions, each scaled to one std of the base styles along it.
+        """(2 * N_OFFSET_DIMS, 256) directions, each scaled to one std of the base styles along it.
 
         Principal directions of all rows of all base packs: the ways Kokoro's trained styles
         actually vary, so offsets along them stay in the region the decoder knows.
         """
         rows = self.packs.reshape(-1, self.packs.shape[-1])
         centred = rows - rows.mean(axis=0)
-        _, s, vt = np.linalg.svd(centred, full_matrices=False)
-        std = s / np.sqrt(len(rows) - 1)
-        return vt[:N_OFFSET_DIMS] * std[:N_OFFSET_DIMS, None]
+        dims = rows.shape[1]
+        out = []
+        # Separately per half, so timbre (decoder) and prosody (predictor) can move independently.
+        for half in (slice(0, dims // 2), slice(dims // 2, dims)):
+            _, s, vt = np.linalg.svd(centred[:, half], full_matrices=False)
+            block = np.zeros((N_OFFSET_DIMS, dims))
+            block[:, half] = vt[:N_OFFSET_DIMS] * (s[:N_OFFSET_DIMS, None] / np.sqrt(len(rows) - 1))
+            out.append(block)
+        return np.concatenate(out)
 
     def embed_audio(self, audio24k: np.ndarray) -> np.ndarray:
         return _unit(self.encoder.embed(resample_24k_to_16k(audio24k)))
@@ -249,15 +261,14 @@ class StyleFitter:
         )
 
     def _decode(self, theta: np.ndarray) -> tuple[np.ndarray, float]:
-        """Parameters -> (pack, penalty). theta = [blend logits (V), offsets (N_OFFSET_DIMS)]."""
+        """CMA-ES parameters -> (pack, penalty). theta = [blend logits (V), offsets (2*N_OFFSET_DIMS)]."""
         v = len(self.names)
         logits = theta[:v]
         w = np.exp(logits - logits.max())
         w /= w.sum()
         offsets = theta[v:]
         pack = np.tensordot(w, self.packs, axes=1) + (offsets @ self._basis)[None, :]
-        penalty = DRIFT_PENALTY * float(np.mean(offsets**2))
-        return pack, penalty
+        return pack, DRIFT_PENALTY * float(np.mean(offsets**2))
 
     def refine(
         self,
@@ -267,65 +278,180 @@ class StyleFitter:
         previous: Conditioning | None = None,
         should_stop: Callable[[], bool] | None = None,
         max_evals: int | None = None,
+        method: str = "jacobian",
     ) -> Conditioning:
-        """CMA-ES on real synthesis within ``budget_s`` (default 60 s), from the quick blend."""
+        """Improve on the quick blend with real synthesis + GE2E within ``budget_s`` (default 60 s).
+
+        ``method="jacobian"`` (default): trust-region Gauss-Newton on the embedding, with the
+        Jacobian of embedding w.r.t. style offsets estimated by finite differences and kept up to
+        date by Broyden updates; every evaluation yields a 256-d embedding, not just a score,
+        which makes it about twice as sample-efficient as CMA-ES here (allison_a: +0.044 cosine
+        in 23 evaluations vs +0.046 in 51 for CMA-ES).
+        ``method="cmaes"``: CMA-ES on blend logits + offsets, seeded from the embedding bytes.
+        """
         t0 = time.perf_counter()
         t = _unit(target)
         budget = DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s)
         if previous is None or "weights" not in previous.meta:
             previous = self.quick(t)
+        state = _Budget(t0, budget, should_stop, max_evals)
+        if method == "jacobian":
+            pack, sim, offsets, w = self._refine_jacobian(t, previous, state)
+        elif method == "cmaes":
+            pack, sim, offsets, w = self._refine_cmaes(t, previous, state)
+        else:
+            raise EngineError(f"unknown refine method {method!r}")
+        log.info("kokoro refine (%s): %d evals in %.1fs, similarity %.3f -> %.3f", method, state.evals,
+                 time.perf_counter() - t0, previous.meta.get("similarity", float("nan")), sim)
+        return self._conditioning(
+            pack, "refined", method=method, weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
+            offsets=[round(float(x), 4) for x in offsets], similarity=round(sim, 4), evaluations=state.evals,
+            stock_best=previous.meta.get("stock_best"), stock_similarity=previous.meta.get("stock_similarity"),
+            quick_similarity=previous.meta.get("similarity"),
+        )
+
+    def _refine_jacobian(self, t: np.ndarray, previous: Conditioning, state: _Budget) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+        base = np.asarray(previous["style"], dtype=np.float64)
+        w = np.array([float(previous.meta["weights"].get(n, 0.0)) for n in self.names])
+        basis = self._jacobian_basis(base) if VOICE_DIRECTIONS else self._basis
+        n = len(basis)
+        d = np.zeros(n)
+        e0 = state.run(lambda: self._embed_pack(base)[0])
+        if e0 is None:
+            return base, float(previous.meta.get("similarity", -1.0)), d, w
+        sim0 = float(e0 @ t)
+        best = (d.copy(), sim0)
+        jac: np.ndarray | None = None
+        radius = 1.5
+        while not state.exhausted():
+            if jac is None:  # finite differences, one evaluation per direction
+                cols = []
+                for k in range(n):
+                    ek = state.run(lambda k=k: self._embed_pack(base + ((d + FD_STEP * np.eye(n)[k]) @ basis)[None])[0])
+                    if ek is None:
+                        break
+                    cols.append((ek - e0) / FD_STEP)
+                if len(cols) < n:
+                    break
+                jac = np.stack(cols, axis=1)
+            step = _trust_step(e0, jac, t, d, radius)
+            e1 = state.run(lambda: self._embed_pack(base + ((d + step) @ basis)[None])[0])
+            if e1 is None:
+                break
+            # Broyden rank-one update keeps the model current without n new evaluations.
+            jac = jac + np.outer(e1 - e0 - jac @ step, step) / (step @ step + 1e-12)
+            sim1 = float(e1 @ t) - DRIFT_PENALTY * float(np.mean((d + step) ** 2))
+            cur = float(e0 @ t) - DRIFT_PENALTY * float(np.mean(d**2))
+            if sim1 > cur:
+                d, e0 = d + step, e1
+                radius = min(radius * 1.5, MAX_DRIFT)
+                if float(e1 @ t) > best[1]:
+                    best = (d.copy(), float(e1 @ t))
+            else:
+                radius *= 0.5
+                if radius < 0.2:  # the model is stale: re-estimate it at the current point
+                    jac, radius = None, 1.0
+        d, sim = best
+        return base + (d @ basis)[None], sim, d, w
+
+    def _jacobian_basis(self, base: np.ndarray) -> np.ndarray:
+        """PCA offsets plus, per half, the direction from the blend towards each base voice.
+
+        Mixing one voice's timbre half with another's prosody half is a move the quick blend
+        cannot make; the directions are scaled to the PCA std's norm so one step size fits all.
+        """
+        dims = base.shape[1]
+        unit = float(np.median(np.linalg.norm(self._basis, axis=1)))
+        extra = []
+        centre = base.mean(axis=0)
+        for pack in self.packs:
+            diff = pack.mean(axis=0) - centre
+            for half in (slice(0, dims // 2), slice(dims // 2, dims)):
+                v = np.zeros(dims)
+                v[half] = diff[half]
+                norm = np.linalg.norm(v)
+                if norm > 1e-6:
+                    extra.append(v * (unit / norm))
+        return np.concatenate([self._basis, np.asarray(extra).reshape(-1, dims)])
+
+    def _refine_cmaes(self, t: np.ndarray, previous: Conditioning, state: _Budget) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+        v = len(self.names)
         w0 = np.array([float(previous.meta["weights"].get(n, 0.0)) for n in self.names])
         logits0 = np.log(np.maximum(w0, 1e-3))
-        logits0 -= logits0.max()
-        x0 = np.concatenate([logits0, np.zeros(N_OFFSET_DIMS)])
-        seed = int.from_bytes(hashlib.sha256(np.asarray(target, np.float32).tobytes()).digest()[:8], "little")
+        x0 = np.concatenate([logits0 - logits0.max(), np.zeros(len(self._basis))])
+        seed = int.from_bytes(hashlib.sha256(np.asarray(t, np.float32).tobytes()).digest()[:8], "little")
         es = CMAES(x0, sigma=0.6, seed=seed, popsize=8)
         best_x, best_fit = x0, float(previous.meta.get("similarity", -1.0))
         best_sim = best_fit
-        # One evaluation costs about len(CALIBRATION_TEXTS) syntheses; stop before overrunning.
-        per_eval = None
-        evals = 0
-        cap = max_evals if max_evals is not None else 10**9
-        stopped = False
-        while not stopped:
+        while not state.exhausted():
             xs = es.ask()
             losses = np.empty(len(xs))
             for i, x in enumerate(xs):
-                elapsed = time.perf_counter() - t0
-                if (should_stop and should_stop()) or evals >= cap or (per_eval and elapsed + per_eval > budget):
-                    stopped = True
-                    break
-                e0 = time.perf_counter()
                 pack, penalty = self._decode(x)
-                sim = self.score(pack, t)
-                fit = sim - penalty
-                losses[i] = -fit
-                evals += 1
-                per_eval = time.perf_counter() - e0 if per_eval is None else 0.8 * per_eval + 0.2 * (time.perf_counter() - e0)
-                if fit > best_fit:
-                    best_x, best_fit, best_sim = x, fit, sim
-            if not stopped:
+                sim = state.run(lambda pack=pack: self.score(pack, t))
+                if sim is None:
+                    break
+                losses[i] = penalty - sim
+                if sim - penalty > best_fit:
+                    best_x, best_fit, best_sim = x, sim - penalty, sim
+            else:
                 es.tell(xs, losses)
-                log.debug("cma gen %d best %.4f sigma %.3f", es.gen, best_fit, es.sigma)
+                continue
+            break
         if best_x is x0:
-            pack = np.asarray(previous["style"], dtype=np.float64)
-        else:
-            pack, _ = self._decode(best_x)
-        v = len(self.names)
+            return np.asarray(previous["style"], np.float64), best_sim, np.zeros(len(self._basis)), w0
+        pack, _ = self._decode(best_x)
         w = np.exp(best_x[:v] - best_x[:v].max())
-        w /= w.sum()
-        log.info("kokoro refine: %d evals in %.1fs, similarity %.3f -> %.3f", evals,
-                 time.perf_counter() - t0, previous.meta.get("similarity", float("nan")), best_sim)
-        return self._conditioning(
-            pack, "refined", weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
-            offsets=[round(float(x), 4) for x in best_x[v:]], similarity=round(best_sim, 4),
-            evaluations=evals, generations=es.gen, stock_best=previous.meta.get("stock_best"),
-            stock_similarity=previous.meta.get("stock_similarity"),
-        )
+        return pack, best_sim, best_x[v:], w / w.sum()
+
+
+class _Budget:
+    """Counts evaluations and refuses one that would overrun the time budget or a stop request."""
+
+    def __init__(self, t0: float, budget_s: float, should_stop: Callable[[], bool] | None, max_evals: int | None) -> None:
+        self.t0, self.budget, self.should_stop, self.max_evals = t0, budget_s, should_stop, max_evals
+        self.evals = 0
+        self.per_eval: float | None = None
+
+    def exhausted(self) -> bool:
+        if self.should_stop is not None and self.should_stop():
+            return True
+        if self.max_evals is not None and self.evals >= self.max_evals:
+            return True
+        elapsed = time.perf_counter() - self.t0
+        return elapsed + (self.per_eval or 0.0) > self.budget
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """fn() if the budget allows one more evaluation, else None."""
+        if self.exhausted():
+            return None
+        e0 = time.perf_counter()
+        out = fn()
+        took = time.perf_counter() - e0
+        self.per_eval = took if self.per_eval is None else 0.7 * self.per_eval + 0.3 * took
+        self.evals += 1
+        return out
+
+
+def _trust_step(e0: np.ndarray, jac: np.ndarray, t: np.ndarray, d: np.ndarray, radius: float) -> np.ndarray:
+    """Step s, |s| <= radius, maximising the linear model's cos(e0 + J s, t) minus the drift penalty."""
+    s = np.zeros(jac.shape[1])
+    lam = 2 * DRIFT_PENALTY / len(s)
+    for _ in range(300):
+        m = e0 + jac @ s
+        nm = np.linalg.norm(m) + 1e-12
+        grad = jac.T @ (t / nm - (m @ t) * m / nm**3) - lam * (d + s)
+        s = s + 0.3 * grad
+        total = d + s
+        if np.linalg.norm(total) > MAX_DRIFT:  # stay within MAX_DRIFT stds of the quick blend
+            s = total * (MAX_DRIFT / np.linalg.norm(total)) - d
+        if np.linalg.norm(s) > radius:
+            s *= radius / np.linalg.norm(s)
+    return s
 
 
 def _unit_rows(m: np.ndarray) -> np.ndarray:
     return m / (np.linalg.norm(m, axis=-1, keepdims=True) + 1e-12)
 
 
-__all__ = ["CMAES", "StyleFitter", "blend_weights", "resample_24k_to_16k", "CALIBRATION_TEXTS", "EngineError"]
+__all__ = ["CALIBRATION_TEXTS", "CMAES", "StyleFitter", "blend_weights", "resample_24k_to_16k"]

@@ -1,0 +1,239 @@
+"""Kokoro engine: real weights, real synthesis (engine loaded once per module)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
+from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, text, weights
+from voiced.engines.kokoro.engine import split_phonemes
+from voiced.engines.kokoro.fitting import CMAES, blend_weights, resample_24k_to_16k
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> KokoroEngine:
+    eng = KokoroEngine(tmp_path_factory.mktemp("kokoro-cache"), max_chars=20_000)
+    eng.load("cpu")
+    return eng
+
+
+@pytest.fixture(scope="module")
+def voice(engine: KokoroEngine) -> Conditioning:
+    return engine.default_conditioning()
+
+
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+
+# ------------------------------------------------------------------------------------ weights
+
+
+def test_model_join_is_verified_and_cached(tmp_path):
+    files = weights.locate()
+    path = weights.assemble_model(tmp_path, files)
+    assert path.stat().st_size == sum(p.stat().st_size for p in files.parts)
+    weights.verify_model(path, files)
+    assert weights.assemble_model(tmp_path, files) == path  # cached, not rebuilt
+    path.write_bytes(b"truncated")  # a damaged file of the wrong size is rebuilt
+    assert weights.assemble_model(tmp_path, files).stat().st_size > 1_000_000
+    assert not list(tmp_path.glob(".kokoro-*"))  # no temp files left behind
+
+
+def test_corrupt_parts_are_rejected(tmp_path):
+    files = weights.locate()
+    bad = weights.KokoroFiles(files.parts, "0" * 64, files.vocab, files.voices)
+    with pytest.raises(EngineError, match="corrupt"):
+        weights.assemble_model(tmp_path, bad)
+    assert not list(tmp_path.iterdir())
+
+
+def test_voices_and_vocab():
+    files = weights.locate()
+    voices = weights.load_voices(files)
+    assert len(voices) == 5 and all(v.shape == (510, 256) for v in voices.values())
+    vocab = weights.load_vocab(files)
+    assert vocab["ɹ"] and vocab["ˈ"] and " " in vocab
+
+
+# ------------------------------------------------------------------------------------ text
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Dr. Smith paid $3.50.", "Doctor Smith paid three dollars and fifty cents."),
+        ("It was 2024-03-15.", "It was March fifteenth, twenty twenty-four."),
+        ("Meet at 3:30 pm, Mr. Jones.", "Meet at three thirty P M, Mister Jones."),
+        ("I have 1,234 cats and 50% of 21st.", "I have one thousand two hundred thirty-four cats and fifty percent of twenty-first."),
+        ("Born in 1984 & 2005.", "Born in nineteen eighty-four and two thousand five."),
+    ],
+)
+def test_english_normalisation(raw, expected):
+    assert text.prepare(raw, "en-us", 1000) == [expected]
+
+
+def test_clean_strips_controls_emoji_and_unifies_quotes():
+    assert text.clean('a\x00b\x07 \u200bc 😀 "hi" ‘x’') == "ab c “hi” 'x'"
+
+
+def test_sentence_split_and_newlines():
+    assert text.split_sentences("One. Two!\nThree\n\nFour?") == ["One.", "Two!", "Three.", "Four?"]
+
+
+@pytest.mark.parametrize("bad", ["", "   \n\t", "?!...", "\x00\x01\x02", "😀🎉", "— … ()"])
+def test_unspeakable_text_is_a_text_error(engine, voice, bad):
+    with pytest.raises(TextError):
+        engine.synthesize(bad, voice, {})
+
+
+def test_too_long_text_is_a_clear_error(engine, voice):
+    with pytest.raises(TextError, match="too long"):
+        engine.synthesize("word " * 200_000, voice, {})  # 1 MB
+
+
+def test_long_paragraph_is_chunked_within_the_context(engine):
+    pieces = engine.phonemize("and then we walked a little further, " * 300 + "the end " * 400)
+    assert len(pieces) > 5
+    assert all(0 < len(p) <= MAX_TOKENS for p in pieces)
+    assert all(len(p) <= MAX_TOKENS for p in split_phonemes("x" * 2000))
+
+
+def test_phonemes_use_kokoro_notation(engine):
+    (ps,) = engine.phonemize("Hello world, the water.")
+    assert ps.startswith("həlˈO wˈɜɹld,") and "ɹ" in ps and "r" not in ps and "ː" not in ps
+
+
+# ------------------------------------------------------------------------------------ synthesis
+
+
+def test_synthesis_is_finite_audible_24k(engine, voice):
+    chunks = list(engine.synthesize("Hello there, this is a test.", voice, {"speed": 1.0, "lang": "en-us", "seed": 1}))
+    assert engine.sample_rate == 24_000
+    assert len(chunks) == 1 and chunks[0].dtype == np.float32 and chunks[0].ndim == 1
+    audio = chunks[0]
+    assert np.isfinite(audio).all() and _rms(audio) > 0.01
+    assert 0.8 < len(audio) / 24_000 < 5.0
+
+
+def test_streams_one_chunk_per_sentence_and_length_grows(engine, voice):
+    one = engine.synthesize_all("The cat sat.", voice)
+    chunks = list(engine.synthesize("The cat sat. The dog ran far away. Then it rained all day long!", voice, {}))
+    assert len(chunks) == 3
+    assert sum(map(len, chunks)) > 2 * len(one)
+
+
+def test_same_input_same_audio(engine, voice):
+    a = engine.synthesize_all("Repeatability matters.", voice, {"seed": 7})
+    b = engine.synthesize_all("Repeatability matters.", voice, {"seed": 7})
+    assert np.array_equal(a, b)
+
+
+def test_speed_changes_duration(engine, voice):
+    slow = engine.synthesize_all("Speed it up a little.", voice, {"speed": 0.7})
+    fast = engine.synthesize_all("Speed it up a little.", voice, {"speed": 1.6})
+    assert len(fast) < 0.75 * len(slow)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"speed": 0}, {"speed": 2.5}, {"speed": float("nan")}, {"speed": "fast"}, {"seed": -1}, {"seed": 1.5}, {"volume": 2}],
+)
+def test_bad_params_are_param_errors(engine, voice, params):
+    with pytest.raises(ParamError):
+        engine.synthesize("Hello.", voice, params)
+    assert issubclass(ParamError, ValueError)
+
+
+def test_unknown_language_is_a_text_error(engine, voice):
+    with pytest.raises(TextError, match="language"):
+        engine.synthesize("Hello.", voice, {"lang": "xx-nope"})
+
+
+def test_other_language_and_mixed_control_chars(engine, voice):
+    audio = engine.synthesize_all("Bonjour\x00, je m'appelle June.", voice, {"lang": "fr-fr"})
+    assert np.isfinite(audio).all() and _rms(audio) > 0.01
+
+
+def test_conditioning_round_trips_through_npz(engine, voice):
+    buf = io.BytesIO()
+    np.savez(buf, **voice)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as npz:
+        restored = Conditioning.from_npz(npz, dict(voice.meta))
+    assert np.array_equal(engine.synthesize_all("Round trip.", restored), engine.synthesize_all("Round trip.", voice))
+    single = Conditioning({"style": voice["style"][20]})  # one (256,) style is accepted too
+    assert _rms(engine.synthesize_all("Single style.", single)) > 0.01
+    with pytest.raises(EngineError):
+        engine.synthesize("Hi.", Conditioning({"speaker": np.zeros(3)}), {})
+
+
+def test_unloaded_engine_says_so(tmp_path):
+    with pytest.raises(EngineError, match="not loaded"):
+        KokoroEngine(tmp_path).synthesize("Hi.", {}, {})
+
+
+# ------------------------------------------------------------------------------------ fitting
+
+
+def test_cmaes_minimises_a_quadratic():
+    es = CMAES(np.full(6, 3.0), sigma=1.0, seed=0)
+    for _ in range(60):
+        xs = es.ask()
+        es.tell(xs, np.sum((xs - 1.0) ** 2, axis=1))
+    assert np.allclose(es.mean, 1.0, atol=0.05)
+
+
+def test_blend_weights_recover_a_mixture():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((5, 256))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    w = blend_weights(0.7 * base[1] + 0.3 * base[3], base)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    assert w[1] == pytest.approx(0.7, abs=0.02) and w[3] == pytest.approx(0.3, abs=0.02)
+
+
+def test_resample_keeps_duration():
+    assert len(resample_24k_to_16k(np.zeros(24_000, np.float32))) == 16_000
+
+
+@pytest.fixture(scope="module")
+def allison(engine: KokoroEngine, testdata_dir, speaker_encoder):
+    """Allison's reference and its embedding; the engine gets the session's encoder."""
+    import soundfile as sf
+
+    engine._encoder = speaker_encoder  # the module's engine was loaded without one
+    wav, sr = sf.read(testdata_dir / "voices" / "allison_a.wav", dtype="float32")
+    assert sr == 16_000
+    return wav, speaker_encoder.embed(wav)
+
+
+def test_quick_voice_is_closer_than_stock(engine, allison):
+    wav, emb = allison
+    fitter = engine.fitter()
+    quick = engine.prepare_voice(wav, emb, stage="quick")
+    stock_name = quick.meta["stock_best"]
+    assert quick["style"].shape == (510, 256)
+    probe = "I went to the market yesterday and bought some bread."
+    sim_quick = float(fitter.embed_audio(engine.synthesize_all(probe, quick)) @ emb / np.linalg.norm(emb))
+    sim_stock = float(fitter.embed_audio(engine.synthesize_all(probe, engine.base_conditioning(stock_name))) @ emb / np.linalg.norm(emb))
+    assert quick.meta["similarity"] >= quick.meta["stock_similarity"]
+    assert sim_quick >= sim_stock - 0.01  # on unseen text too, up to the encoder's noise
+
+
+@pytest.mark.slow
+def test_refined_is_deterministic_and_not_worse(engine, allison):
+    wav, emb = allison
+    quick = engine.prepare_voice(wav, emb, stage="quick")
+    a = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
+    b = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
+    assert np.array_equal(a["style"], b["style"])
+    assert a.meta["similarity"] >= quick.meta["similarity"]
+    c = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
+    d = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
+    assert np.array_equal(c["style"], d["style"]) and c.meta["similarity"] >= quick.meta["similarity"]
+    stopped = engine.prepare_voice(wav, emb, stage="refined", previous=quick, should_stop=lambda: True)
+    assert stopped.meta["evaluations"] == 0 and np.array_equal(stopped["style"], quick["style"])
