@@ -424,7 +424,9 @@ class Server:
                 info["spoken_text"] = text
                 post = plugins.has_hook("voiced_postprocess_audio")
                 keep = plugins.has_hook("voiced_synthesis_done")
-            chunks = self.backend.synthesize(text, job.conditioning, params)
+            started = time.monotonic()
+            chunks = self.backend.synthesize(text, job.conditioning, params)  # text front end runs here
+            engine_s += time.monotonic() - started
             seq = 0
             body: list[bytes] = []
             while True:
@@ -482,6 +484,7 @@ class Server:
             "duration_s": round(writer.duration_s, 4),
             "engine_s": round(engine_s, 6),
             "queue_s": round(queued_s, 6),
+            "total_s": round(total_s, 6),
         }
         if stream:
             final.update(seq=seq, final=True)

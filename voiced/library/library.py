@@ -16,7 +16,7 @@ import os
 import stat as statmod
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -95,6 +95,7 @@ class Library:
         engine: StagedPreparer | None = None,
         preprocess: bool = True,
         stage_budget_s: float | None = None,
+        hot_voices: int = 64,
         listeners: Iterable[VoiceListener] = (),
     ) -> None:
         self.config = config
@@ -104,6 +105,8 @@ class Library:
         self.engine = engine
         self.preprocess = preprocess
         self.stage_budget_s = stage_budget_s
+        self.hot_voices = hot_voices
+        self._hot: OrderedDict[tuple[str, str, str], Conditioning] = OrderedDict()
         self.listeners: list[VoiceListener] = list(listeners)
         self.encoder_producer = f"{encoder.model_id}@{encoder.version}"
         self.embedding_kind = embedding_kind(preprocess, config.max_duration_s)
@@ -177,12 +180,23 @@ class Library:
         key = (sha, self.engine_producer or "", stage)
         with self._lock:
             unsaved = self._unsaved.get(key)
+            hot = self._hot.get(key)
+            if hot is not None:
+                self._hot.move_to_end(key)
+                return hot
         if unsaved is not None:
             return Conditioning.from_npz(unsaved[0], unsaved[1])
         arrays = self.cache.get(*key)
         if arrays is None:
             return None
-        return Conditioning.from_npz(arrays, self.cache.get_meta(*key) or {})
+        conditioning = Conditioning.from_npz(arrays, self.cache.get_meta(*key) or {})
+        # the voices being spoken stay in memory: reading and verifying a style pack from disk
+        # costs milliseconds, which every request would otherwise pay
+        with self._lock:
+            self._hot[key] = conditioning
+            while len(self._hot) > self.hot_voices:
+                self._hot.popitem(last=False)
+        return conditioning
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until ``predicate()`` holds (re-checked at every state change) or the timeout."""
