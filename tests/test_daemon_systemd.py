@@ -1,0 +1,143 @@
+"""The real daemon under a fake service manager: NOTIFY_SOCKET is a datagram socket this test owns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from voiced.client import Client
+
+TIMEOUT = 120.0
+
+
+class Manager:
+    """Receives sd_notify datagrams and keeps them with their arrival times."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self._cond:
+                self.messages.append((time.monotonic(), fields))
+                self._cond.notify_all()
+
+    def wait_for(self, key: str, value: str = "1", after: float = 0.0, timeout: float = TIMEOUT) -> float:
+        def found() -> float | None:
+            return next((t for t, m in self.messages if t >= after and m.get(key) == value), None)
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {key}={value} after {after}: {self.messages}")
+            result = found()
+        assert result is not None
+        return result
+
+    def times(self, key: str, start: float, end: float) -> list[float]:
+        with self._cond:
+            return [t for t, m in self.messages if start <= t <= end and key in m]
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_notify_ready_watchdog_reload_stop(tmp_path: Path, testdata_dir: Path) -> None:
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "allison.wav").write_bytes((testdata_dir / "voices" / "allison_a.wav").read_bytes())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = tmp_path / "voiced.toml"
+    config.write_text(
+        f'[voices]\ndir = "{voices}"\n[cache]\ndir = "{tmp_path / "cache"}"\n'
+        f'[engine]\nrefine_budget_s = 0.0\n[server]\nendpoints = ["{endpoint}"]\n'
+    )
+    manager = Manager(tmp_path / "notify.sock")
+    log = open(tmp_path / "daemon.log", "wb")
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+        "WATCHDOG_USEC": "1000000",  # pings every 0.5 s
+        "VOICED_TEST_HANG_SIGNAL": "1",
+    }
+    env.pop("WATCHDOG_PID", None)
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "voiced", "serve", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        ready = manager.wait_for("READY")
+        # READY=1 only once the model is loaded and warm and the socket is bound
+        text = (tmp_path / "daemon.log").read_text()
+        assert "loaded and warm" in text
+        assert any("STATUS" in m and "loading" in m["STATUS"] for t, m in manager.messages if t < ready)
+        with Client(endpoint, timeout_s=5) as client:
+            assert client.ping()["protocol"] == 1
+
+        # watchdog pings at about the interval
+        first = manager.wait_for("WATCHDOG", after=ready)
+        time.sleep(2.6)
+        pings = manager.times("WATCHDOG", first, first + 2.5)
+        assert 3 <= len(pings) <= 8, pings
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert max(gaps) < 1.0, gaps
+
+        # SIGHUP: RELOADING=1, then READY=1 again
+        hup = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        reloading = manager.wait_for("RELOADING", after=hup)
+        manager.wait_for("READY", after=reloading)
+        assert any("MONOTONIC_USEC" in m for t, m in manager.messages if t >= hup)
+
+        # a hung synthesis worker stops the pings (the stall limit here is 5 s)
+        hang = time.monotonic()
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(7.0)
+        quiet_from = time.monotonic()
+        time.sleep(2.0)
+        assert manager.times("WATCHDOG", quiet_from, time.monotonic()) == [], "pings must stop while the worker hangs"
+        assert manager.times("WATCHDOG", hang, hang + 3.0), "pings went on until the stall limit"
+        with Client(endpoint, timeout_s=5) as client:
+            assert client.ping()["protocol"] == 1  # the socket loop itself still answers
+
+        # SIGTERM: STOPPING=1 and exit status 0 within the stop timeout
+        term = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        manager.wait_for("STOPPING", after=term)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        manager.close()
+    assert time.monotonic() - started < 300
