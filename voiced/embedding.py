@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from voiced.audio import load_audio
+from voiced.audio import LoadedAudio, load_audio
 from voiced.cache import Cache, sha256_file
 from voiced.config import Config
 from voiced.errors import AudioError, CacheError
@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 def embedding_kind(preprocess: bool, max_duration_s: float) -> str:
     """The cache kind of an embedding: the settings that change the result are part of the key."""
     return f"embedding/{'pre' if preprocess else 'raw'}/max{max_duration_s:g}s"
+
+
+def audio_meta(audio: LoadedAudio) -> dict[str, Any]:
+    """What the cache keeps beside an embedding about the recording it came from."""
+    return {
+        "duration_s": audio.source_duration_s,
+        "used_s": audio.duration_s,
+        "truncated": audio.truncated,
+        "sample_rate": audio.source_sample_rate,
+        "channels": audio.channels,
+    }
 
 
 @dataclass(frozen=True)
@@ -93,15 +104,8 @@ def embed_files(
                 results.append(EmbedResult(str(file), sha256=sha, error=str(exc)))
                 continue
             if cache is not None:
-                meta = {
-                    "duration_s": audio.source_duration_s,
-                    "used_s": audio.duration_s,
-                    "truncated": audio.truncated,
-                    "sample_rate": audio.source_sample_rate,
-                    "channels": audio.channels,
-                }
                 try:
-                    cache.put(sha, producer, kind, {"embedding": embedding}, meta)
+                    cache.put(sha, producer, kind, {"embedding": embedding}, audio_meta(audio))
                 except CacheError as exc:
                     log.warning("cannot cache the embedding of %s: %s", file, exc)
             results.append(EmbedResult(str(file), embedding, sha, audio.source_duration_s))

@@ -26,8 +26,8 @@ import numpy as np
 from voiced.audio import load_audio
 from voiced.cache import Cache, FileRecord, sha256_file
 from voiced.config import VoicesConfig
-from voiced.embedding import embedding_kind
-from voiced.engines.base import Conditioning
+from voiced.embedding import audio_meta, embedding_kind
+from voiced.engines.base import Conditioning, Engine
 from voiced.errors import AudioError, CacheError
 from voiced.library.voice import Voice, VoiceState, is_candidate, voice_name
 
@@ -41,25 +41,6 @@ class Embedder(Protocol):
     version: str
 
     def embed(self, wav: np.ndarray, *, preprocess: bool = True) -> np.ndarray: ...
-
-
-class StagedPreparer(Protocol):
-    """What the library needs of a synthesis engine: its voice preparation stages."""
-
-    name: str
-    version: str
-    stages: tuple[str, ...]
-
-    def prepare_voice(
-        self,
-        reference: np.ndarray,
-        embedding: np.ndarray,
-        *,
-        stage: str,
-        budget_s: float | None = None,
-        previous: Conditioning | None = None,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Conditioning: ...
 
 
 VoiceListener = Callable[[str, dict[str, Any]], None]
@@ -92,7 +73,7 @@ class Library:
         cache: Cache,
         encoder: Embedder,
         *,
-        engine: StagedPreparer | None = None,
+        engine: Engine | None = None,
         preprocess: bool = True,
         stage_budget_s: float | None = None,
         hot_voices: int = 64,
@@ -611,13 +592,7 @@ class Library:
         except AudioError as exc:
             self._finish_failed(path, gen, str(exc))
             return
-        meta = {
-            "duration_s": audio.source_duration_s,
-            "used_s": audio.duration_s,
-            "truncated": audio.truncated,
-            "sample_rate": audio.source_sample_rate,
-            "channels": audio.channels,
-        }
+        meta = audio_meta(audio)
         embed_s = time.monotonic() - started
         results = [(self.embedding_kind, self.encoder_producer, {"embedding": embedding}, meta)]
 
