@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key public, NAME.key_secret secret)")
+    p.add_argument("name", metavar="NAME", help="the key's name, e.g. server or the client's host/user")
+    p.add_argument("--dir", default=".", help="folder to write the two files into (default: the current one)")
+    p.set_defaults(func=cmd_keygen)
+
     p = sub.add_parser("check-config", help="validate a config file and print the resolved values")
     p.add_argument("--config", help="config file (default: $VOICED_CONFIG, then the usual places)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -136,13 +141,56 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=None, help="daemon endpoint (default: the config's first endpoint)")
     p.add_argument("--config", help="config file (for the default endpoint)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    p.add_argument("--server-key", metavar="FILE", default=None,
+                   help="the daemon's public CURVE key (.key) for a tcp endpoint with CURVE (default: $VOICED_SERVER_KEY)")
+    p.add_argument("--key", metavar="FILE", default=None,
+                   help="this client's secret CURVE key (.key_secret) (default: $VOICED_CLIENT_KEY)")
 
 
 def _client(args: argparse.Namespace) -> Any:
     from voiced.client import Client
 
     endpoint = args.endpoint or load_config(args.config, check_dirs=False).server.endpoints[0]
-    return Client(endpoint, timeout_s=args.timeout)
+    return Client(endpoint, timeout_s=args.timeout, curve_server_key=args.server_key, curve_key=args.key)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import os
+
+    import zmq.auth
+
+    name = args.name
+    if not name or "/" in name or name.startswith(".") or os.sep in name:
+        raise VoicedError(f"keygen: {name!r} is not a plain file name")
+    folder = Path(args.dir).expanduser()
+    public_file = folder / f"{name}.key"
+    secret_file = folder / f"{name}.key_secret"
+    for existing in (public_file, secret_file):
+        if existing.exists():
+            raise VoicedError(f"keygen: {existing} exists; not overwriting it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+        try:
+            public, secret = zmq.auth.create_certificates(folder, name)
+        finally:
+            os.umask(old)
+        os.chmod(secret, 0o600)
+        os.chmod(public, 0o644)
+    except OSError as exc:
+        raise VoicedError(f"keygen: cannot write into {folder}: {exc.strerror or exc}") from None
+    public, secret = Path(public).resolve(), Path(secret).resolve()
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600: keep it private)")
+    print(
+        "\nAs the daemon's key, in its config's [server] table:\n"
+        f'  curve_secret_key = "{secret}"\n'
+        '  curve_clients_dir = "/etc/voiced/clients"   # the allowed clients\' .key files\n'
+        f"and give clients the public key: --server-key {public}\n"
+        f"As a client's key, copy {public} into the daemon's curve_clients_dir, then:\n"
+        f"  voiced status --endpoint tcp://HOST:5599 --server-key SERVER.key --key {secret}\n"
+        "  (or set VOICED_SERVER_KEY and VOICED_CLIENT_KEY)"
+    )
+    return 0
 
 
 def cmd_voices(args: argparse.Namespace) -> int:

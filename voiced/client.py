@@ -61,12 +61,32 @@ class Client:
         *,
         timeout_s: float = 60.0,
         context: zmq.Context | None = None,
+        curve_server_key: str | os.PathLike[str] | None = None,
+        curve_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``curve_server_key`` (the server's public ``.key`` file) and ``curve_key`` (this
+        client's ``.key_secret`` file) turn on CURVE, for a daemon with ``curve_secret_key`` set;
+        both default to $VOICED_SERVER_KEY and $VOICED_CLIENT_KEY. An unknown key gets no answer
+        (:class:`ClientTimeout`): the daemon drops it in the handshake."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        curve_server_key = curve_server_key or os.environ.get("VOICED_SERVER_KEY") or None
+        curve_key = curve_key or os.environ.get("VOICED_CLIENT_KEY") or None
+        if bool(curve_server_key) != bool(curve_key):
+            raise VoicedError("CURVE needs both the server's public key (--server-key) and a client key (--key)")
+        keys = None
+        if curve_server_key and curve_key:
+            from voiced.security import client_keys
+
+            keys = client_keys(curve_server_key, curve_key)
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            server_public, public, secret = keys
+            self._socket.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+            self._socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            self._socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
         self._socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{id(self):x}-"

@@ -121,6 +121,15 @@ class ServerConfig:
     """Synthesis requests waiting beyond this are answered `busy`."""
     stop_timeout_s: float = 10.0
     """On SIGTERM, requests in flight get this long to finish."""
+    curve_secret_key: str = ""
+    """Path of the server's CURVE secret key file (``NAME.key_secret`` from `voiced keygen`).
+    Set: every tcp:// endpoint requires CURVE and only clients in curve_clients_dir get in."""
+    curve_clients_dir: str = ""
+    """Folder of the allowed clients' public ``.key`` files (re-read on SIGHUP)."""
+    allow_insecure: bool = False
+    """Allow binding a non-loopback tcp:// address without CURVE (logged as a warning)."""
+    ipc_group: str = ""
+    """Group to give ipc:// socket files to (they are mode 0660); empty = the daemon's group."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,9 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("auto", "text", "journal"),
 }
+
+# str keys holding an optional path: resolved like Path keys (relative to the file, ~, $VARS) when set
+_PATH_STRINGS: dict[str, tuple[str, ...]] = {"server": ("curve_secret_key", "curve_clients_dir")}
 
 _SECTIONS: dict[str, type] = {
     name: tp for name, tp in typing.get_type_hints(Config).items() if name != "source"
@@ -223,6 +235,7 @@ def _build_section(cls: type, section: str, values: Mapping[str, Any], where: st
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
+    path_strings = _PATH_STRINGS.get(section, ())
     if section == "plugins":  # [plugins.NAME] sub-tables are the plugins' own settings
         known.discard("settings")
         kwargs["settings"] = {k: dict(v) for k, v in values.items() if isinstance(v, dict) and k not in known}
@@ -233,6 +246,8 @@ def _build_section(cls: type, section: str, values: Mapping[str, Any], where: st
                 f"{where}: [{section}] unknown key {key!r} (known: {', '.join(sorted(known))})"
             )
         kwargs[key] = _coerce(hints[key], value, f"[{section}] {key}", where, base_dir)
+        if key in path_strings and kwargs[key]:  # optional paths: "" = not set
+            kwargs[key] = str(_coerce(Path, kwargs[key], f"[{section}] {key}", where, base_dir))
         choices = _CHOICES.get((section, key))
         if choices and kwargs[key] not in choices:
             raise ConfigError(f"{where}: [{section}] {key}: must be one of {', '.join(choices)}, not {value!r}")
@@ -335,6 +350,9 @@ def _check_dirs(config: Config, where: str, *, explicit_voices: bool) -> None:
     for path in config.plugins.paths:
         if not path.is_dir():
             raise ConfigError(f"{where}: [plugins] paths: folder does not exist: {path}")
+    from voiced.security import check_server
+
+    check_server(config.server, where)
 
 
 def _creatable(path: Path) -> bool:

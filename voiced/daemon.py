@@ -84,7 +84,8 @@ class Daemon:
             config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess,
             stage_budget_s=config.engine.refine_budget_s, listeners=[self.plugins.voice_event],
         )
-        self.server = Server(config.server, self, plugins=self.plugins)
+        self.server = Server(config.server, self, plugins=self.plugins,
+                             where=str(config.source) if config.source else "config")
         self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)
         self.library.start()
         self.watcher = FolderWatcher(self.library, config.voices)
@@ -173,6 +174,11 @@ class Daemon:
                 if getattr(fresh, section) != getattr(self.config, section):
                     log.warning("reload: [%s] changed; restart the daemon to apply it", section)
             logging.getLogger().setLevel(fresh.log.level.upper())
+        if self.server is not None:
+            try:
+                self.server.reload_keys()
+            except Exception as exc:  # keep the keys already loaded
+                log.error("reload: cannot re-read the CURVE client keys: %s", exc)
         if self.watcher is not None:
             self.watcher.rescan()
         self.notifier.ready(self.status_line())

@@ -30,6 +30,9 @@ from voiced.audio_out import AudioWriter
 from voiced.config import ServerConfig
 from voiced.errors import VoicedError
 from voiced.plugins import PluginError, PluginHost, new_request
+from voiced.security import (
+    ZAP_DOMAIN, CurveAuth, ServerKeys, check_server, is_loopback, load_server_keys, prepare_ipc, protect_ipc,
+)
 from voiced.protocol import (
     BAD_REQUEST,
     BUSY,
@@ -114,9 +117,12 @@ class ServerStats:
 class Server:
     def __init__(
         self, config: ServerConfig, backend: Backend, *, context: zmq.Context | None = None,
-        plugins: PluginHost | None = None,
+        plugins: PluginHost | None = None, where: str = "config",
     ) -> None:
         self.config = config
+        self.where = where  # the config file, for error messages
+        self.auth: CurveAuth | None = None
+        self._keys: ServerKeys | None = None
         self.backend = backend
         self.plugins = plugins
         self.limits = Limits(max_text_chars=config.max_text_chars, max_json_depth=config.max_json_depth)
@@ -140,10 +146,18 @@ class Server:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        check_server(self.config, self.where)
+        self._keys = load_server_keys(self.config, self.where)
+        if self._keys is not None:  # the ZAP handler must run before the first CURVE handshake
+            self.auth = CurveAuth(self.context, self.config.curve_clients_dir)
+            self.auth.start()
         self._loop_thread = threading.Thread(target=self._run_loop, name="voiced-socket", daemon=True)
         self._loop_thread.start()
         self._bound.wait(30)
         if self._bind_error is not None:
+            if self.auth is not None:
+                self.auth.stop()
+                self.auth = None
             raise self._bind_error
         self._worker_thread = threading.Thread(target=self._run_worker, name="voiced-synth", daemon=True)
         self._worker_thread.start()
@@ -172,6 +186,14 @@ class Server:
         for thread in (self._worker_thread, self._loop_thread):
             if thread is not None:
                 thread.join(5)
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+    def reload_keys(self) -> None:
+        """Re-read the allowed clients' public keys (SIGHUP)."""
+        if self.auth is not None:
+            self.auth.configure()
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -201,13 +223,38 @@ class Server:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        for endpoint in self.config.endpoints:
-            try:
-                router.bind(endpoint)
-            except zmq.ZMQError as exc:
-                router.close(0)
-                raise VoicedError(f"cannot bind {endpoint}: {exc}") from None
-            self.endpoints.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        # libzmq copies the socket's options into each listener when it binds: the local
+        # endpoints are bound first without CURVE, then CURVE is switched on for every tcp://
+        # endpoint (tests/test_security.py checks both sides).
+        bound: dict[int, str] = {}
+        order = sorted(range(len(self.config.endpoints)), key=lambda i: self.config.endpoints[i].startswith("tcp://"))
+        keys = self._keys
+        try:
+            for i in order:
+                endpoint = self.config.endpoints[i]
+                tcp = endpoint.startswith("tcp://")
+                if tcp and keys is not None and not router.getsockopt(zmq.CURVE_SERVER):
+                    router.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+                    router.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+                    router.setsockopt(zmq.CURVE_SERVER, 1)
+                    router.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+                elif tcp and keys is None and not is_loopback(endpoint):
+                    log.warning("%s is reachable from the network WITHOUT authentication (allow_insecure = true)",
+                                endpoint)
+                ipc_path = prepare_ipc(endpoint) if endpoint.startswith("ipc://") else None
+                try:
+                    router.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise VoicedError(f"cannot bind {endpoint}: {exc}") from None
+                if ipc_path is not None:
+                    protect_ipc(ipc_path, self.config.ipc_group)
+                bound[i] = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            router.close(0)
+            raise
+        self.endpoints.extend(bound[i] for i in sorted(bound))
+        if keys is not None:
+            log.info("CURVE authentication on %s", ", ".join(e for e in self.endpoints if e.startswith("tcp://")))
         pull = self.context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(_REPLIES + f"-{id(self)}")

@@ -1,0 +1,266 @@
+"""Authenticated network access: CURVE on tcp://, file permissions on ipc://, refusals at start.
+
+One real daemon (a subprocess) with CURVE on a free loopback port and an ipc endpoint; real
+keys from `voiced keygen`; real clients. No mocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from voiced.client import Client, ClientTimeout
+from voiced.config import load_config
+from voiced.errors import ConfigError, VoicedError
+from voiced.security import is_loopback
+
+START_TIMEOUT = 120.0
+NO_ANSWER_S = 1.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def voiced(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "voiced", *args], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=120,
+    )
+
+
+def keygen(name: str, folder: Path) -> tuple[Path, Path]:
+    result = voiced("keygen", name, "--dir", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert f"{name}.key_secret" in result.stdout and "curve_secret_key" in result.stdout
+    return folder / f"{name}.key", folder / f"{name}.key_secret"
+
+
+class Secured:
+    """The daemon with CURVE on tcp and an ipc socket in a folder it creates."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        keys = root / "keys"
+        self.clients = root / "clients"
+        self.server_public, self.server_secret = keygen("server", keys)
+        self.alice_public, self.alice_secret = keygen("alice", keys)
+        self.mallory_public, self.mallory_secret = keygen("mallory", keys)
+        self.bob_public, self.bob_secret = keygen("bob", keys)
+        self.clients.mkdir()
+        (self.clients / "alice.key").write_bytes(self.alice_public.read_bytes())
+        (root / "voices").mkdir()
+        self.tcp = f"tcp://127.0.0.1:{free_port()}"
+        self.ipc_path = root / "run" / "voiced.sock"  # "run" does not exist: the daemon creates it
+        self.config = root / "voiced.toml"
+        self.config.write_text(
+            f"""
+[voices]
+dir = "{root / 'voices'}"
+[cache]
+dir = "{root / 'cache'}"
+[server]
+endpoints = ["{self.tcp}", "ipc://{self.ipc_path}"]
+curve_secret_key = "keys/server.key_secret"
+curve_clients_dir = "clients"
+"""
+        )
+        self.log = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._log_fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "voiced", "serve", "--config", str(self.config)],
+            stdout=self._log_fh, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        with Client(f"ipc://{self.ipc_path}", timeout_s=1.0) as client:  # ipc: no CURVE
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                try:
+                    client.ping()
+                    return
+                except ClientTimeout:
+                    time.sleep(0.2)
+        raise AssertionError(f"daemon did not answer within {START_TIMEOUT}s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_fh.close()
+        return self.proc.returncode
+
+    def client(self, key: Path | None, **kwargs: object) -> Client:
+        if key is None:
+            return Client(self.tcp, timeout_s=NO_ANSWER_S)
+        return Client(self.tcp, timeout_s=NO_ANSWER_S, curve_server_key=self.server_public, curve_key=key)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    secured = Secured(tmp_path_factory.mktemp("secured"))
+    secured.start()
+    try:
+        yield secured
+    finally:
+        code = secured.stop()
+        assert code == 0, secured.log.read_text()[-3000:]
+
+
+def test_allowed_client_gets_answers(daemon: Secured) -> None:
+    with daemon.client(daemon.alice_secret) as client:
+        assert client.ping()["protocol"] == 1
+        assert client.voices() == []
+    log = daemon.log.read_text()
+    assert "CURVE authentication on tcp://127.0.0.1" in log
+
+
+def test_unknown_key_gets_nothing(daemon: Secured) -> None:
+    with daemon.client(daemon.mallory_secret) as client:
+        started = time.monotonic()
+        with pytest.raises(ClientTimeout):
+            client.ping()
+        assert time.monotonic() - started < NO_ANSWER_S + 1.0
+
+
+def test_plain_client_gets_nothing(daemon: Secured) -> None:
+    with daemon.client(None) as client:
+        with pytest.raises(ClientTimeout):
+            client.ping()
+
+
+def test_client_with_the_wrong_server_key_gets_nothing(daemon: Secured) -> None:
+    with Client(daemon.tcp, timeout_s=NO_ANSWER_S, curve_server_key=daemon.mallory_public,
+                curve_key=daemon.alice_secret) as client:
+        with pytest.raises(ClientTimeout):
+            client.ping()
+
+
+def test_ipc_is_local_and_protected_by_permissions(daemon: Secured) -> None:
+    assert stat.S_IMODE(daemon.ipc_path.stat().st_mode) == 0o660
+    assert stat.S_ISSOCK(daemon.ipc_path.stat().st_mode)
+    assert stat.S_IMODE(daemon.ipc_path.parent.stat().st_mode) == 0o750
+    with Client(f"ipc://{daemon.ipc_path}", timeout_s=10) as client:
+        assert client.ping()["protocol"] == 1
+
+
+def test_cli_options_and_environment(daemon: Secured) -> None:
+    result = voiced("status", "--endpoint", daemon.tcp, "--server-key", str(daemon.server_public),
+                    "--key", str(daemon.alice_secret), "--json", "--timeout", "20")
+    assert result.returncode == 0, result.stderr
+    assert '"version"' in result.stdout
+    result = voiced("voices", "--endpoint", daemon.tcp, "--json", "--timeout", "20",
+                    env={"VOICED_SERVER_KEY": str(daemon.server_public), "VOICED_CLIENT_KEY": str(daemon.alice_secret)})
+    assert result.returncode == 0, result.stderr
+    result = voiced("status", "--endpoint", daemon.tcp, "--timeout", str(NO_ANSWER_S))
+    assert result.returncode == 1 and "no answer" in result.stderr
+
+
+def test_sighup_rereads_the_client_keys(daemon: Secured) -> None:
+    with daemon.client(daemon.bob_secret) as client:
+        with pytest.raises(ClientTimeout):
+            client.ping()
+    (daemon.clients / "bob.key").write_bytes(daemon.bob_public.read_bytes())
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with daemon.client(daemon.bob_secret) as client:
+            try:
+                assert client.ping()["protocol"] == 1
+                return
+            except ClientTimeout:
+                pass
+    raise AssertionError("bob's key was not taken after SIGHUP:\n" + daemon.log.read_text()[-2000:])
+
+
+def test_client_key_errors_are_clear(tmp_path: Path) -> None:
+    import zmq.auth
+
+    public, secret = zmq.auth.create_certificates(tmp_path, "server")
+    with pytest.raises(VoicedError, match="client key .*file does not exist"):
+        Client("tcp://127.0.0.1:1", curve_server_key=public, curve_key=tmp_path / "nope.key_secret")
+    with pytest.raises(VoicedError, match="client key .*holds no secret key"):
+        Client("tcp://127.0.0.1:1", curve_server_key=public, curve_key=public)
+    with pytest.raises(VoicedError, match="server key .*not a ZeroMQ key file"):
+        Client("tcp://127.0.0.1:1", curve_server_key=__file__, curve_key=secret)
+    with pytest.raises(VoicedError, match="both"):
+        Client("tcp://127.0.0.1:1", curve_server_key=public)
+
+
+# ---------------------------------------------------------------------- refusals at start
+
+
+def write_config(tmp_path: Path, server: str) -> Path:
+    (tmp_path / "voices").mkdir(exist_ok=True)
+    path = tmp_path / "voiced.toml"
+    path.write_text(f'[voices]\ndir = "{tmp_path / "voices"}"\n[cache]\ndir = "{tmp_path / "cache"}"\n[server]\n{server}\n')
+    return path
+
+
+def test_network_endpoint_without_curve_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'endpoints = ["tcp://0.0.0.0:5599"]')
+    for command in ("check-config", "serve"):
+        result = voiced(command, "--config", str(config))
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        line = result.stderr.strip()
+        assert "curve_secret_key" in line and "allow_insecure" in line and str(config) in line, line
+        assert "\n" not in line
+    write_config(tmp_path, 'endpoints = ["tcp://0.0.0.0:5599"]\nallow_insecure = true')
+    assert load_config(config).server.allow_insecure
+    for endpoint in ("tcp://*:5599", "tcp://eth0:5599", "tcp://[::]:5599", "tcp://192.168.1.2:5599"):
+        write_config(tmp_path, f'endpoints = ["{endpoint}"]')
+        with pytest.raises(ConfigError, match=r"\[server\] curve_secret_key"):
+            load_config(config)
+
+
+def test_loopback_and_ipc_need_no_curve(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'endpoints = ["tcp://127.0.0.1:5599", "tcp://[::1]:5600", "tcp://localhost:1", '
+                                    f'"ipc://{tmp_path}/s.sock"]')
+    assert load_config(config).server.curve_secret_key == ""
+    assert is_loopback("tcp://127.3.2.1:9") and not is_loopback("tcp://10.0.0.1:9")
+
+
+def test_bad_keys_are_one_clear_error(tmp_path: Path) -> None:
+    keygen("server", tmp_path / "keys")
+    (tmp_path / "clients").mkdir()
+    cases = {
+        'curve_secret_key = "keys/missing.key_secret"\ncurve_clients_dir = "clients"': "file does not exist",
+        'curve_secret_key = "keys/server.key"\ncurve_clients_dir = "clients"': "holds no secret key",
+        'curve_secret_key = "voiced.toml"\ncurve_clients_dir = "clients"': "not a ZeroMQ key file",
+        'curve_secret_key = "keys/server.key_secret"': "curve_clients_dir",
+        'curve_secret_key = "keys/server.key_secret"\ncurve_clients_dir = "nope"': "folder does not exist",
+        'ipc_group = "no-such-group-voiced"': "no such group",
+    }
+    for server, reason in cases.items():
+        config = write_config(tmp_path, server)
+        with pytest.raises(ConfigError) as info:
+            load_config(config)
+        message = str(info.value)
+        assert message.startswith(str(config)) and reason in message, message
+        key = "ipc_group" if "ipc_group" in server else ("curve_clients_dir" if reason in (
+            "curve_clients_dir", "folder does not exist") else "curve_secret_key")
+        assert f"[server] {key}" in message, message
+    config = write_config(tmp_path, 'curve_secret_key = "keys/missing.key_secret"\ncurve_clients_dir = "clients"')
+    result = voiced("serve", "--config", str(config))
+    assert result.returncode == 1
+    assert "[server] curve_secret_key" in result.stderr and "missing.key_secret" in result.stderr
