@@ -12,7 +12,6 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +21,7 @@ import soundfile as sf
 
 from voiced.cache import Cache, sha256_file
 from voiced.config import VoicesConfig
-from voiced.library import Library, VoiceState
+from voiced.library import Library
 from voiced.watcher import FolderWatcher
 
 TIMEOUT = 30.0

@@ -269,7 +269,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines = [
         f"voiced {status.get('version')}  up {status.get('uptime_s', 0):.0f}s  pid {status.get('pid')}",
         f"model    {status.get('model')} on {status.get('device')}",
-        f"voices   " + ", ".join(f"{n} {k}" for k, n in voices.items()),
+        "voices   " + ", ".join(f"{n} {k}" for k, n in voices.items()),
         f"queue    {status.get('queue')} synthesis, {status.get('preparation_queue')} preparation",
         f"requests {requests.get('served')} served, {requests.get('failed')} failed, {requests.get('busy')} busy; "
         f"p50 {requests.get('latency_p50_ms')} ms, p99 {requests.get('latency_p99_ms')} ms",

@@ -11,6 +11,7 @@ import collections.abc
 import dataclasses
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,9 +246,9 @@ def _build_section(cls: type, section: str, values: Mapping[str, Any], where: st
             raise ConfigError(
                 f"{where}: [{section}] unknown key {key!r} (known: {', '.join(sorted(known))})"
             )
-        kwargs[key] = _coerce(hints[key], value, f"[{section}] {key}", where, base_dir)
+        kwargs[key] = coerce_value(hints[key], value, f"[{section}] {key}", where, base_dir)
         if key in path_strings and kwargs[key]:  # optional paths: "" = not set
-            kwargs[key] = str(_coerce(Path, kwargs[key], f"[{section}] {key}", where, base_dir))
+            kwargs[key] = str(coerce_value(Path, kwargs[key], f"[{section}] {key}", where, base_dir))
         choices = _CHOICES.get((section, key))
         if choices and kwargs[key] not in choices:
             raise ConfigError(f"{where}: [{section}] {key}: must be one of {', '.join(choices)}, not {value!r}")
@@ -256,27 +257,44 @@ def _build_section(cls: type, section: str, values: Mapping[str, Any], where: st
     return obj
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     if origin in (dict, collections.abc.Mapping):
         return "table"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
     return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path string"}.get(tp, str(tp))
 
 
-def _coerce(tp: Any, value: Any, key: str, where: str, base_dir: Path) -> Any:
+def coerce_value(tp: Any, value: Any, key: str, where: str, base_dir: Path) -> Any:
     origin = typing.get_origin(tp)
-    wrong = ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    wrong = ConfigError(f"{where}: {key}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        for option in options:
+            try:
+                return coerce_value(option, value, key, where, base_dir)
+            except ConfigError:
+                continue
+        raise wrong
     if origin is tuple:
         if not isinstance(value, list):
             raise wrong
         inner = typing.get_args(tp)[0]
-        return tuple(_coerce(inner, item, key, where, base_dir) for item in value)
-    if origin in (dict, collections.abc.Mapping):
-        if isinstance(value, dict):
-            return dict(value)
-        raise wrong
+        return tuple(coerce_value(inner, item, key, where, base_dir) for item in value)
+    if origin in (dict, collections.abc.Mapping) or tp in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise wrong
+        args = typing.get_args(tp)
+        inner = args[1] if len(args) == 2 else Any
+        out = {}
+        for k, v in value.items():
+            out[str(k)] = v if inner is Any else coerce_value(inner, v, f"{key}.{k}", where, base_dir)
+        return out
+    if tp is Any:
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise wrong
@@ -297,8 +315,8 @@ def _coerce(tp: Any, value: Any, key: str, where: str, base_dir: Path) -> Any:
         if not isinstance(value, str) or not value:
             raise wrong
         path = Path(os.path.expandvars(value)).expanduser()
-        return path if path.is_absolute() else (base_dir / path)
-    raise wrong  # pragma: no cover - every declared type is handled above
+        return path if path.is_absolute() else base_dir / path
+    raise ConfigError(f"{where}: {key}: unsupported setting type {tp!r}")
 
 
 def _check_values(obj: Any, section: str, where: str) -> None:

@@ -48,6 +48,7 @@ import pluggy
 
 from voiced import hookspecs
 from voiced.errors import ConfigError, VoicedError
+from voiced.config import coerce_value
 from voiced.hookspecs import EngineContext, EngineFactory
 
 log = logging.getLogger(__name__)
@@ -556,7 +557,7 @@ def build_settings(
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{where}: {section} unknown key {key!r} (known: {known})")
-        kwargs[key] = _coerce(hints[key], value, f"{section} {key}", where, base_dir)
+        kwargs[key] = coerce_value(hints[key], value, f"{section} {key}", where, base_dir)
     for key, f in fields.items():
         if key not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: {section} {key}: required")
@@ -568,66 +569,6 @@ def build_settings(
         raise ConfigError(f"{where}: {section} {exc}") from None
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (dict, Mapping, typing.Mapping):
-        return "table"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path string"}.get(tp, str(tp))
-
-
-def _coerce(tp: Any, value: Any, key: str, where: str, base_dir: Path) -> Any:
-    origin = typing.get_origin(tp)
-    wrong = ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        for option in options:
-            try:
-                return _coerce(option, value, key, where, base_dir)
-            except ConfigError:
-                continue
-        raise wrong
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise wrong
-        inner = typing.get_args(tp)[0]
-        return tuple(_coerce(inner, item, key, where, base_dir) for item in value)
-    if origin in (dict, Mapping, typing.Mapping) or tp in (dict, Mapping):
-        if not isinstance(value, dict):
-            raise wrong
-        args = typing.get_args(tp)
-        inner = args[1] if len(args) == 2 else Any
-        out = {}
-        for k, v in value.items():
-            out[str(k)] = v if inner is Any else _coerce(inner, v, f"{key}.{k}", where, base_dir)
-        return out
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise wrong
-        return value
-    if tp is Path:
-        if not isinstance(value, str) or not value:
-            raise wrong
-        path = Path(os.path.expandvars(value)).expanduser()
-        return path if path.is_absolute() else base_dir / path
-    raise ConfigError(f"{where}: {key}: the plugin declares an unsupported type {tp!r}")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
 import zmq
@@ -548,19 +548,6 @@ class Server:
         reply = error_reply(job.request.id, code, message)
         if job.request.fields.get("stream"):
             # a stream that already sent chunks ends with a final error message
-            import json
-
-            data = json.loads(reply)
-            data["final"] = True
-            reply = encode(data)
+            reply = encode({"id": job.request.id, "ok": False, "final": True,
+                            "error": {"code": code, "message": message}})
         push.send_multipart(job.envelope + [reply])
-
-
-def encode(data: Mapping[str, Any]) -> bytes:
-    from voiced.protocol import encode
-
-    return encode(data)
-
-
-# Expose the error codes the backend raises, so the daemon need not import protocol itself.
-__all__ = ["Backend", "Server", "VOICE_FAILED", "VOICE_NOT_FOUND", "ProtocolError"]
