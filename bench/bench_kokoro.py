@@ -3,7 +3,10 @@
     python bench/bench_kokoro.py [--cache DIR] [--threads N] [--fit-budget 60] [--no-fit]
 
 Prints one line per figure. Cloning similarities (GE2E cosine to the reference embedding) are
-measured on held-out text, not the calibration text the fitter optimises on.
+measured on held-out text, not the calibration text the fitter optimises on. Intelligibility is
+the word error rate of pocketsphinx (bench-only dependency: ``pip install pocketsphinx``; skipped
+when missing) on three held-out sentences, for the best stock voice, quick and refined; the
+target is refined WER within 1.25x of the stock voice's.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -27,6 +31,13 @@ RTF_TEXT = ("The old lighthouse keeper climbed the stairs every evening, lit the
             "and watched the ships pass safely through the narrow channel below.")
 THREE = "Good morning. The weather today is mild and dry, with light winds from the west. Have a nice day!"
 HELD_OUT = "I went to the market yesterday and bought some fresh bread and a few apples."
+# Intelligibility: word error rate of pocketsphinx (en-US model shipped in its wheel) on these
+# held-out sentences (HELD_OUT first, so the similarity figure's text is among them).
+WER_TEXTS = (
+    HELD_OUT,
+    "Please remember to close the window before you leave the house tonight.",
+    "The children played in the park until the sun went down behind the hills.",
+)
 TESTDATA = Path(os.environ.get("VOICED_TESTDATA") or Path(__file__).resolve().parents[1].parent / "shared" / "testdata")
 
 
@@ -37,6 +48,46 @@ def _best_of(fn, n: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def _words(text: str) -> list[str]:
+    """Lower case, punctuation dropped (apostrophes kept inside words), split on whitespace."""
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).replace(" '", " ").split()
+
+
+def wer(ref: str, hyp: str) -> tuple[int, int]:
+    """(word-level edit distance, reference word count) after normalising case and punctuation."""
+    r, h = _words(ref), _words(hyp)
+    prev = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        cur = [i] + [0] * len(h)
+        for j, hw in enumerate(h, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
+        prev = cur
+    return prev[-1], len(r)
+
+
+class Recogniser:
+    """pocketsphinx (default en-US acoustic + language model), 16 kHz mono int16 in, text out."""
+
+    def __init__(self) -> None:
+        from pocketsphinx import Decoder
+
+        self.decoder = Decoder(samprate=16000, loglevel="FATAL")
+
+    def __call__(self, audio16k: np.ndarray) -> str:
+        pcm = (np.clip(audio16k, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        self.decoder.start_utt()
+        self.decoder.process_raw(pcm, full_utt=True)
+        self.decoder.end_utt()
+        hyp = self.decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
 
 
 def main() -> int:
@@ -89,6 +140,25 @@ def main() -> int:
     except ImportError as exc:
         print(f"cloning skipped: {exc}")
         return 0
+    from voiced.engines.kokoro.fitting import resample_24k_to_16k
+
+    try:
+        import pocketsphinx
+
+        recognise: Recogniser | None = Recogniser()
+        print(f"WER by pocketsphinx {getattr(pocketsphinx, '__version__', None) or _dist_version('pocketsphinx')} "
+              f"on {len(WER_TEXTS)} held-out sentences ({sum(len(_words(t)) for t in WER_TEXTS)} words)")
+    except ImportError:
+        recognise = None
+        print("WER skipped: pip install pocketsphinx")
+
+    def wer_of(cond) -> float:
+        errs = words = 0
+        for text in WER_TEXTS:
+            e, n = wer(text, recognise(resample_24k_to_16k(engine.synthesize_all(text, cond))))
+            errs, words = errs + e, words + n
+        return errs / words
+
     engine._encoder = SpeakerEncoder(device="cpu")
     t0 = time.perf_counter()
     fitter = engine.fitter()
@@ -102,13 +172,19 @@ def main() -> int:
         t0 = time.perf_counter()
         refined = engine.prepare_voice(wav, emb, stage="refined", budget_s=args.fit_budget, previous=quick)
         t_ref = time.perf_counter() - t0
-        sims = {}
+        sims, wers = {}, {}
         for label, cond in (("stock", engine.base_conditioning(quick.meta["stock_best"])), ("quick", quick), ("refined", refined)):
             out = engine.synthesize_all(HELD_OUT, cond)
             sims[label] = cosine(fitter.embed_audio(out), emb)
+            if recognise is not None:
+                wers[label] = wer_of(cond)
         print(f"{name}: stock({quick.meta['stock_best']}) {sims['stock']:.3f}  quick {sims['quick']:.3f} ({t_quick:.1f} s)  "
               f"refined {sims['refined']:.3f} ({t_ref:.0f} s, {refined.meta['evaluations']} evals)  "
               f"gain {sims['refined'] - sims['stock']:+.3f}")
+        if wers:
+            ratio = wers["refined"] / wers["stock"] if wers["stock"] > 0 else float("inf") if wers["refined"] > 0 else 1.0
+            print(f"{name}: WER stock {wers['stock']:.1%}  quick {wers['quick']:.1%}  refined {wers['refined']:.1%}  "
+                  f"refined/stock {ratio:.2f} ({'within' if ratio <= 1.25 else 'OVER'} the 1.25x limit)")
     return 0
 
 

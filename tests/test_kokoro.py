@@ -237,3 +237,16 @@ def test_refined_is_deterministic_and_not_worse(engine, allison):
     assert np.array_equal(c["style"], d["style"]) and c.meta["similarity"] >= quick.meta["similarity"]
     stopped = engine.prepare_voice(wav, emb, stage="refined", previous=quick, should_stop=lambda: True)
     assert stopped.meta["evaluations"] == 0 and np.array_equal(stopped["style"], quick["style"])
+
+
+def test_bench_word_error_rate_normalises_case_and_punctuation():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_kokoro.py"
+    spec = importlib.util.spec_from_file_location("bench_kokoro", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.wer("Hello, World! It's fine.", "hello world it's fine") == (0, 4)
+    assert bench.wer("the cat sat", "the bat sat down") == (2, 3)  # one substitution, one insertion
+    assert bench.wer("a b c", "") == (3, 3)

@@ -33,9 +33,11 @@ from voiced.engines.base import Conditioning, EngineError
 
 log = logging.getLogger(__name__)
 
-# One short, phonetically varied text: each evaluation is a real synthesis (~1 s on 2 cores), so
-# its length sets how many candidates a time budget affords.
-CALIBRATION_TEXTS = ("Could you call me back this evening? The fox jumped.",)
+# Short, phonetically varied text: each evaluation is one real synthesis per sentence (~1 s each on
+# 2 cores), so their length sets how many candidates a time budget affords. Every sentence must give
+# the speaker encoder at least 1.2 s of speech. (The fit used to be given "... The fox jumped." too,
+# but only the first sentence was ever synthesized; now every sentence listed is.)
+CALIBRATION_TEXTS = ("Could you call me back this evening?",)
 EMBED_RATE = 16_000
 DEFAULT_REFINE_BUDGET_S = 60.0
 N_OFFSET_DIMS = 4  # per half (timbre, prosody): offsets along the base styles' principal directions
@@ -164,7 +166,8 @@ class StyleFitter:
         self.encoder = encoder
         self.names = tuple(sorted(engine.voices))
         self.packs = np.stack([engine.voices[n] for n in self.names]).astype(np.float64)  # (V, 510, 256)
-        self.tokens = [engine.tokens(engine.phonemize(t, "en-us")[0]) for t in CALIBRATION_TEXTS]
+        # Every sentence of every calibration text is one synthesis (the engine speaks per sentence).
+        self.tokens = [engine.tokens(ps) for t in CALIBRATION_TEXTS for ps in engine.phonemize(t, "en-us")]
         self._basis = self._offset_basis()
         cache = Path(cache_dir or engine.cache_dir)
         t0 = time.perf_counter()
@@ -316,7 +319,7 @@ class StyleFitter:
         basis = self._jacobian_basis(base) if VOICE_DIRECTIONS else self._basis
         n = len(basis)
         d = np.zeros(n)
-        e0 = state.run(lambda: self._embed_pack(base)[0])
+        e0 = state.run(lambda: self._embed_pack(base).mean(axis=0))
         if e0 is None:
             return base, float(previous.meta.get("similarity", -1.0)), d, w
         sim0 = float(e0 @ t)
@@ -327,7 +330,7 @@ class StyleFitter:
             if jac is None:  # finite differences, one evaluation per direction
                 cols = []
                 for k in range(n):
-                    ek = state.run(lambda k=k: self._embed_pack(base + ((d + FD_STEP * np.eye(n)[k]) @ basis)[None])[0])
+                    ek = state.run(lambda k=k: self._embed_pack(base + ((d + FD_STEP * np.eye(n)[k]) @ basis)[None]).mean(axis=0))
                     if ek is None:
                         break
                     cols.append((ek - e0) / FD_STEP)
@@ -335,7 +338,7 @@ class StyleFitter:
                     break
                 jac = np.stack(cols, axis=1)
             step = _trust_step(e0, jac, t, d, radius)
-            e1 = state.run(lambda: self._embed_pack(base + ((d + step) @ basis)[None])[0])
+            e1 = state.run(lambda: self._embed_pack(base + ((d + step) @ basis)[None]).mean(axis=0))
             if e1 is None:
                 break
             # Broyden rank-one update keeps the model current without n new evaluations.
