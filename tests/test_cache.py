@@ -639,3 +639,17 @@ def test_connections_of_finished_threads_are_closed(cache: Cache) -> None:
         t.join()
     work()
     assert len(cache._conns) <= 2  # this thread's and at most the last worker's
+
+
+def test_processes_opening_a_fresh_cache_at_once(tmp_path: Path) -> None:
+    """The first open switches the index to WAL; processes racing for that must all succeed."""
+    code = "import sys; from voiced.cache import Cache; Cache(sys.argv[1]).close()"
+    for round_ in range(6):
+        directory = tmp_path / f"round{round_}"
+        children = [
+            subprocess.Popen([sys.executable, "-c", code, str(directory)], stderr=subprocess.PIPE)
+            for _ in range(4)
+        ]
+        for child in children:
+            _, err = child.communicate(timeout=60)
+            assert child.returncode == 0, err.decode()

@@ -163,6 +163,26 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying while another process does the same on a new index.
+
+    Changing the journal mode needs an exclusive lock, and sqlite answers "database is locked"
+    at once, without its busy handler, while another connection holds one. The mode is
+    persistent, so this only contends on the first open of a fresh index.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 def _make_dir(path: Path) -> None:
     """Create ``path`` (and parents) with mode 0o700, or check that it is a directory."""
     try:
@@ -257,7 +277,7 @@ class Cache:
             # garbage collection deletes, and a lost delete leaves a row whose object is
             # gone, which get() detects and removes. FULL would cost an fsync per put for
             # durability this rebuildable cache does not need.
-            conn.execute("PRAGMA journal_mode = WAL")
+            _set_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error:
             conn.close()
