@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,16 +27,11 @@ import numpy as np
 import zmq
 
 from voiced.client import Client
+from voiced.testing import DaemonProcess, free_port
 
 TESTDATA = Path(os.environ.get("VOICED_TESTDATA") or Path(__file__).resolve().parents[2] / "shared" / "testdata")
 SHORT = "Yes."
 THREE = "The first sentence is short. The second one is a little longer than that. And here is the third."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -84,17 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="voiced-bench-server-"))
-    (work / "voices").mkdir()
-    shutil.copyfile(TESTDATA / "voices" / "allison_a.wav", work / "voices" / "allison.wav")
     endpoint = f"tcp://127.0.0.1:{free_port()}" if args.transport == "tcp" else f"ipc://{work}/voiced.sock"
     bare_endpoint = f"tcp://127.0.0.1:{free_port()}" if args.transport == "tcp" else f"ipc://{work}/bare.sock"
-    (work / "voiced.toml").write_text(
-        f'[voices]\ndir = "{work}/voices"\n[cache]\ndir = "{work}/cache"\n'
-        f'[engine]\nrefine_budget_s = 0.0\n[server]\nendpoints = ["{endpoint}"]\nqueue_size = 64\n[log]\nlevel = "warning"\n'
-    )
-    log = open(work / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "voiced", "serve", "--config", str(work / "voiced.toml")],
-                            stdout=log, stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(work, {
+        "engine": {"refine_budget_s": 0.0},
+        "server": {"endpoints": [endpoint], "queue_size": 64},
+        "log": {"level": "warning"},
+    })
+    shutil.copyfile(TESTDATA / "voices" / "allison_a.wav", daemon.voices / "allison.wav")
+    daemon.start()
     try:
         with Client(endpoint, timeout_s=300) as client:
             deadline = time.monotonic() + 300
@@ -103,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     reply = client.synthesize(SHORT, voice="allison", wait_s=120, format="pcm_s16le")
                     break
                 except Exception:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        print((work / "daemon.log").read_text(), file=sys.stderr)
+                    if time.monotonic() > deadline or not daemon.alive:
+                        print(daemon.log_tail(), file=sys.stderr)
                         raise
                     time.sleep(0.5)
             print(f"voiced server bench: {os.cpu_count()} CPUs, {args.transport}, voice stage "
@@ -175,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    first streamed chunk      p50 {pct(firsts, 50):7.1f} ms")
         print(f"    whole reply               p50 {pct(wholes, 50):7.1f} ms")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
+        daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

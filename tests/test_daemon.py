@@ -11,9 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,99 +23,8 @@ import zmq
 
 from voiced.cache import Cache, sha256_file
 from voiced.client import Client, RequestError
+from voiced.testing import DaemonProcess
 
-TIMEOUT = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class DaemonProcess:
-    def __init__(self, root: Path, extra_config: str = "") -> None:
-        self.root = root
-        self.voices = root / "voices"
-        self.voices.mkdir(parents=True, exist_ok=True)
-        self.cache_dir = root / "cache"
-        self.port = free_port()
-        self.tcp = f"tcp://127.0.0.1:{self.port}"
-        self.ipc = f"ipc://{root}/voiced.sock"
-        self.config = root / "voiced.toml"
-        self.config.write_text(
-            f"""
-[voices]
-dir = "{self.voices}"
-settle_s = 0.3
-rename_grace_s = 0.5
-[cache]
-dir = "{self.cache_dir}"
-[engine]
-refine_budget_s = 2.0
-[server]
-endpoints = ["{self.tcp}", "{self.ipc}"]
-queue_size = 8
-max_text_chars = 2000
-{extra_config}
-"""
-        )
-        self.log = root / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, env: dict[str, str] | None = None) -> "DaemonProcess":
-        self._log_fh = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "voiced", "serve", "--config", str(self.config)],
-            stdout=self._log_fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        deadline = time.monotonic() + TIMEOUT
-        with Client(self.tcp, timeout_s=1.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
-                try:
-                    client.ping()
-                    return self
-                except Exception:
-                    time.sleep(0.2)
-        raise AssertionError(f"daemon did not answer within {TIMEOUT}s:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_fh.close()
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
-    def client(self, **kwargs: Any) -> Client:
-        return Client(self.tcp, timeout_s=kwargs.pop("timeout_s", TIMEOUT), **kwargs)
-
-    def wait_voice(self, name: str, predicate: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        seen: dict[str, Any] | None = None
-        with self.client() as client:
-            while time.monotonic() < deadline:
-                seen = next((v for v in client.voices() if v["name"] == name), None)
-                if predicate(seen):
-                    return seen  # type: ignore[return-value]
-                time.sleep(0.05)
-        raise AssertionError(f"voice {name}: condition not met; last seen {seen}\n{self.log.read_text()[-3000:]}")
-
-    def wait_ready(self, name: str, **fields: Any) -> dict[str, Any]:
-        return self.wait_voice(
-            name, lambda v: v is not None and v["state"] == "ready" and all(v.get(k) == x for k, x in fields.items())
-        )
 
 
 QUIETER = """
@@ -139,14 +45,11 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("daemon")
     (root / "plugins").mkdir()
     (root / "plugins" / "quieter.py").write_text(QUIETER)
-    extra = f"""
-[plugins]
-enabled = ["journal"]
-paths = ["{root / 'plugins'}"]
-[plugins.journal]
-file = "{root / 'journal.jsonl'}"
-"""
-    d = DaemonProcess(root, extra).start()
+    plugins = {
+        "plugins": {"enabled": ["journal"], "paths": [root / "plugins"]},
+        "plugins.journal": {"file": root / "journal.jsonl"},
+    }
+    d = DaemonProcess(root, plugins).start()
     yield d
     assert d.stop() == 0
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from voiced.client import Client
+from voiced.testing import DaemonProcess
 
 TIMEOUT = 120.0
 
@@ -65,35 +63,22 @@ class Manager:
         self._thread.join(2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_notify_ready_watchdog_reload_stop(tmp_path: Path, testdata_dir: Path) -> None:
-    voices = tmp_path / "voices"
-    voices.mkdir()
-    (voices / "allison.wav").write_bytes((testdata_dir / "voices" / "allison_a.wav").read_bytes())
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = tmp_path / "voiced.toml"
-    config.write_text(
-        f'[voices]\ndir = "{voices}"\n[cache]\ndir = "{tmp_path / "cache"}"\n'
-        f'[engine]\nrefine_budget_s = 0.0\n[server]\nendpoints = ["{endpoint}"]\n'
-    )
+    daemon = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0.0}})
+    (daemon.voices / "allison.wav").write_bytes((testdata_dir / "voices" / "allison_a.wav").read_bytes())
+    endpoint = daemon.tcp
     manager = Manager(tmp_path / "notify.sock")
-    log = open(tmp_path / "daemon.log", "wb")
     env = {
-        **os.environ,
         "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
         "WATCHDOG_USEC": "1000000",  # pings every 0.5 s
         "VOICED_TEST_HANG_SIGNAL": "1",
+        "WATCHDOG_PID": "",  # not inherited from a manager running the tests
     }
-    env.pop("WATCHDOG_PID", None)
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "voiced", "serve", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    daemon.start(env, wait=False)
+    proc = daemon.proc
+    assert proc is not None
     try:
         ready = manager.wait_for("READY")
         # READY=1 only once the model is loaded and warm and the socket is bound
@@ -135,9 +120,6 @@ def test_notify_ready_watchdog_reload_stop(tmp_path: Path, testdata_dir: Path) -
         manager.wait_for("STOPPING", after=term)
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+        daemon.kill()
         manager.close()
     assert time.monotonic() - started < 300

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -22,15 +21,9 @@ from voiced.client import Client, ClientTimeout
 from voiced.config import load_config
 from voiced.errors import ConfigError, VoicedError
 from voiced.security import is_loopback
+from voiced.testing import DaemonProcess, free_port
 
-START_TIMEOUT = 120.0
 NO_ANSWER_S = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def voiced(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -47,11 +40,10 @@ def keygen(name: str, folder: Path) -> tuple[Path, Path]:
     return folder / f"{name}.key", folder / f"{name}.key_secret"
 
 
-class Secured:
+class Secured(DaemonProcess):
     """The daemon with CURVE on tcp and an ipc socket in a folder it creates."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
         keys = root / "keys"
         self.clients = root / "clients"
         self.server_public, self.server_secret = keygen("server", keys)
@@ -60,56 +52,16 @@ class Secured:
         self.bob_public, self.bob_secret = keygen("bob", keys)
         self.clients.mkdir()
         (self.clients / "alice.key").write_bytes(self.alice_public.read_bytes())
-        (root / "voices").mkdir()
-        self.tcp = f"tcp://127.0.0.1:{free_port()}"
+        tcp = f"tcp://127.0.0.1:{free_port()}"
         self.ipc_path = root / "run" / "voiced.sock"  # "run" does not exist: the daemon creates it
-        self.config = root / "voiced.toml"
-        self.config.write_text(
-            f"""
-[voices]
-dir = "{root / 'voices'}"
-[cache]
-dir = "{root / 'cache'}"
-[server]
-endpoints = ["{self.tcp}", "ipc://{self.ipc_path}"]
-curve_secret_key = "keys/server.key_secret"
-curve_clients_dir = "clients"
-"""
-        )
-        self.log = root / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        server = {
+            "endpoints": [tcp, f"ipc://{self.ipc_path}"],
+            "curve_secret_key": "keys/server.key_secret",
+            "curve_clients_dir": "clients",
+        }
+        super().__init__(root, {"server": server})
 
-    def start(self) -> None:
-        self._log_fh = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "voiced", "serve", "--config", str(self.config)],
-            stdout=self._log_fh, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        with Client(f"ipc://{self.ipc_path}", timeout_s=1.0) as client:  # ipc: no CURVE
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
-                try:
-                    client.ping()
-                    return
-                except ClientTimeout:
-                    time.sleep(0.2)
-        raise AssertionError(f"daemon did not answer within {START_TIMEOUT}s:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_fh.close()
-        return self.proc.returncode
-
-    def client(self, key: Path | None, **kwargs: object) -> Client:
+    def client(self, key: Path | None, **kwargs: object) -> Client:  # type: ignore[override]
         if key is None:
             return Client(self.tcp, timeout_s=NO_ANSWER_S)
         return Client(self.tcp, timeout_s=NO_ANSWER_S, curve_server_key=self.server_public, curve_key=key)

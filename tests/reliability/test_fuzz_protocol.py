@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -23,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from voiced.protocol import ERROR_CODES
+from voiced.testing import DaemonProcess
 
 CASES = int(os.environ.get("VOICED_FUZZ_CASES", "10000"))
 OPS = ["ping", "voices", "status", "embed", "reload", "synthesize", "dance", "", "PING"]
@@ -59,37 +54,14 @@ frames = st.one_of(
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("fuzz")
-    (root / "voices").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    (root / "voiced.toml").write_text(
-        f'[voices]\ndir = "{root / "voices"}"\n[cache]\ndir = "{root / "cache"}"\n'
-        f'[server]\nendpoints = ["{address}"]\nmax_message_bytes = 65536\n[log]\nlevel = "warning"\n'
-    )
-    log = open(root / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "voiced", "serve", "--config", str(root / "voiced.toml")],
-                            stdout=log, stderr=subprocess.STDOUT)
-    ctx = zmq.Context.instance()
-    probe = ctx.socket(zmq.DEALER)
-    probe.setsockopt(zmq.LINGER, 0)
-    probe.connect(address)
-    deadline = time.monotonic() + 120
-    while True:
-        probe.send(b'{"op": "ping"}')
-        if probe.poll(500):
-            probe.recv_multipart()
-            break
-        assert proc.poll() is None and time.monotonic() < deadline, (root / "daemon.log").read_text()
-    probe.close(0)
-    yield address
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(60)
-    log.close()
-    assert alive, "the daemon died during fuzzing:\n" + (root / "daemon.log").read_text()[-3000:]
+    daemon = DaemonProcess(
+        tmp_path_factory.mktemp("fuzz"), {"server": {"max_message_bytes": 65536}, "log": {"level": "warning"}}
+    ).start()
+    yield daemon.tcp
+    alive = daemon.alive
+    log = daemon.log_tail()
+    code = daemon.stop()
+    assert alive, "the daemon died during fuzzing:\n" + log
     assert code == 0
 
 
