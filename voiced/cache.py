@@ -41,6 +41,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import urllib.parse
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -250,13 +251,22 @@ class Cache:
         self._hits = 0
         self._misses = 0
         self._closed = False
+        # bumped when the connections must be reopened (a read-only cache became writable)
+        self._generation = 0
         _make_dir(self.directory)
         _make_dir(self._objects)
+        #: Read-only filesystem or folder: entries are served, nothing is stored (puts raise
+        #: CacheError) until the folder is writable again, which every write checks.
+        self.read_only = not os.access(self.directory, os.W_OK)
+        if self.read_only:
+            log.warning("cache folder %s is read-only: serving what it holds, storing nothing", self.directory)
         self._open_index()
 
     # ------------------------------------------------------------------ index plumbing
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only()
         try:
             conn = sqlite3.connect(
                 self._index_path,
@@ -284,8 +294,43 @@ class Cache:
             raise
         return conn
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        # immutable: no -shm file can be made on a read-only filesystem, and nobody can write
+        # there either. Commits still in a -wal file left by a crash are not seen (misses only).
+        uri = f"file:{urllib.parse.quote(str(self._index_path))}?mode=ro&immutable=1"
+        try:
+            return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise CacheError(f"cannot open read-only cache index {self._index_path}: {e}") from e
+
+    def _writable_again(self) -> bool:
+        """For a read-only cache: whether its folder can be written now (then reopen read-write)."""
+        if not os.access(self.directory, os.W_OK):
+            return False
+        with self._lock:
+            if self.read_only:
+                self.read_only = False
+                self._generation += 1
+                log.info("cache folder %s is writable again", self.directory)
+        return True
+
     def _open_index(self) -> None:
         """Open (creating, migrating or replacing when corrupt) the index."""
+        if self.read_only:
+            if not self._index_path.exists():
+                raise CacheError(f"cache folder {self.directory} is read-only and holds no index")
+            conn = self._connect_read_only()
+            try:
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+            except sqlite3.Error as e:
+                conn.close()
+                raise CacheError(f"cannot read cache index {self._index_path}: {e}") from e
+            if version != SCHEMA_VERSION:
+                conn.close()
+                raise CacheError(f"read-only cache index {self._index_path} has schema {version}, "
+                                 f"expected {SCHEMA_VERSION}")
+            self._register(conn)
+            return
         for attempt in range(3):
             conn: sqlite3.Connection | None = None
             try:
@@ -374,6 +419,11 @@ class Cache:
         if self._closed:
             raise CacheError(f"cache {self.directory} is closed")
         conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "generation", 0) != self._generation:
+            with self._lock:
+                self._conns = [(t, c) for t, c in self._conns if c is not conn]
+            conn.close()
+            conn = None
         if conn is None:
             try:
                 conn = self._connect()
@@ -386,6 +436,7 @@ class Cache:
         """Make ``conn`` this thread's connection; close those of threads that have ended
         (a daemon's worker threads come and go, their connections must not pile up)."""
         self._local.conn = conn
+        self._local.generation = self._generation
         with self._lock:
             dead = [c for t, c in self._conns if not t.is_alive()]
             self._conns = [(t, c) for t, c in self._conns if t.is_alive()]
@@ -397,6 +448,8 @@ class Cache:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: BEGIN IMMEDIATE takes the lock up front (with busy waiting),
         so it can never fail half-way with SQLITE_BUSY when upgrading from a read."""
+        if self.read_only and not self._writable_again():
+            raise CacheError(f"cache folder {self.directory} is read-only")
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -514,12 +567,18 @@ class Cache:
 
     def _drop_if_current(self, key: tuple[str, str, str], name: str, problem: str, path: Path | None) -> bool:
         """Remove the entry if it still points at the bad object; False if it changed meanwhile."""
-        with self._write() as conn:
-            cur = conn.execute(
-                "DELETE FROM entries WHERE source = ? AND producer = ? AND kind = ? AND object = ?",
-                (*key, name),
-            )
-            dropped = cur.rowcount > 0
+        try:
+            with self._write() as conn:
+                cur = conn.execute(
+                    "DELETE FROM entries WHERE source = ? AND producer = ? AND kind = ? AND object = ?",
+                    (*key, name),
+                )
+                dropped = cur.rowcount > 0
+        except CacheError as e:
+            # read-only (or failing) index: the bad entry stays listed, and reads as a miss
+            log.warning("cache entry %s/%s/%s is bad (%s, %s) and cannot be dropped: %s",
+                        key[0][:12], key[1], key[2], problem, path, e)
+            return True
         if dropped:
             log.warning(
                 "cache entry %s/%s/%s dropped: %s (%s); it will be recomputed",

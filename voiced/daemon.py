@@ -146,7 +146,7 @@ class Daemon:
         """Block until asked to stop; meanwhile reload on request, collect garbage, update STATUS=."""
         gc_every = max(1.0, self.config.voices.rename_grace_s / 2)
         next_gc = time.monotonic() + gc_every
-        last_line = ""
+        last_line = gc_problem = ""
         while not self._stop.wait(timeout=1.0):
             if self._reload.is_set():
                 self._reload.clear()
@@ -159,8 +159,20 @@ class Daemon:
                 next_gc = time.monotonic() + gc_every
                 try:
                     self.cache.collect_garbage(self.config.voices.rename_grace_s)
+                    if gc_problem:
+                        log.info("cache garbage collection works again")
+                    gc_problem = ""
+                except VoicedError as exc:
+                    if str(exc) != gc_problem:  # once per distinct problem, not every second
+                        log.warning("cache garbage collection failed: %s", exc)
+                    gc_problem = str(exc)
                 except Exception:
                     log.exception("cache garbage collection failed")
+                if self.library is not None:
+                    try:
+                        self.library.retry_unsaved()
+                    except Exception:
+                        log.exception("storing results the cache refused earlier failed")
 
     def reload(self) -> None:
         """Re-read the config file and rescan the folder (SIGHUP or the reload op)."""
@@ -210,9 +222,7 @@ class Daemon:
         if voice.state is not VoiceState.READY:
             return None
         found = self.library.conditioning(name)
-        if found is None:
-            log.warning("voice %s is ready but its conditioning is gone from the cache; preparing it again", name)
-            self.library.sync_path(voice.path)
+        if found is None:  # lost from the cache: the library is preparing it again
             return None
         stage, conditioning = found
         return {**voice.to_dict(), "stage": stage}, conditioning

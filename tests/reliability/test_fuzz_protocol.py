@@ -48,6 +48,8 @@ frames = st.one_of(
     st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.integers(1, 5000).map(_deep),
     st.integers(0, 3).map(lambda n: b"{" * n + b'"op": "ping"' + b"}" * n),
+    st.integers(100, 3000).map(lambda n: json.dumps({"op": "status", **{f"k{i}": [i] for i in range(n)}}).encode()),
+    st.integers(1000, 60000).map(lambda n: json.dumps({"op": "synthesize", "voice": "x", "text": "a" * n}).encode()),
     st.sampled_from([b"", b"null", b"[]", b"{}", b'{"op": null}', b'{"op": "ping", "id": 1.5}', b"\xff" * 64]),
 )
 
@@ -82,27 +84,64 @@ def check_reply(frame: bytes, parts: list[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_fuzzed_frames_never_kill_the_daemon(endpoint: str) -> None:
+def test_fuzzed_frames_never_kill_the_daemon(endpoint: str, report: Any) -> None:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     counts = {"frames": 0, "answered": 0}
+    messages = st.one_of(frames.map(lambda f: [f]), st.lists(frames, min_size=2, max_size=3))
 
     @settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(frames)
-    def one(frame: bytes) -> None:
+    @given(messages)
+    def one(message: list[bytes]) -> None:
         counts["frames"] += 1
-        sock.send(frame)
-        # a request of zero frames' worth (empty) still gets an answer; nothing may be dropped
-        assert sock.poll(30000), f"no reply to {frame[:80]!r}"
+        sock.send_multipart(message)
+        # every message gets an answer, even an empty frame; nothing may be dropped
+        assert sock.poll(30000), f"no reply to {message[0][:80]!r} ({len(message)} frames)"
         parts = sock.recv_multipart()
         counts["answered"] += 1
-        check_reply(frame, parts)
+        if len(message) == 1:
+            check_reply(message[0], parts)
+        else:
+            check_reply(b"", parts)  # extra frames: an error reply, whatever the first frame was
+            if parts[0] != b"":
+                assert json.loads(parts[0])["ok"] is False
 
     try:
         one()
     finally:
         sock.close(0)
+    row = report.row("hostile protocol input")
+    row.tried += counts["frames"]
+    row.held += counts["answered"]
+    row.notes.append("hypothesis-generated messages, each answered with a well-formed reply")
     assert counts["frames"] >= min(CASES, 10000) * 0.95 and counts["answered"] == counts["frames"]
+
+
+@pytest.mark.slow
+def test_oversized_frames_disconnect_the_sender_only(endpoint: str, report: Any) -> None:
+    """Frames over max_message_bytes: the socket drops that peer; others are served throughout."""
+    ctx = zmq.Context.instance()
+    bystander = ctx.socket(zmq.DEALER)
+    bystander.setsockopt(zmq.LINGER, 0)
+    bystander.connect(endpoint)
+    sizes = [65537, 100_000, 1 << 20, 8 << 20, 32 << 20]
+    try:
+        for size in sizes:
+            big = ctx.socket(zmq.DEALER)
+            big.setsockopt(zmq.LINGER, 0)
+            big.connect(endpoint)
+            big.send(b"{" + b" " * (size - 2) + b"}")
+            assert not big.poll(500), "an oversized frame must not be read, let alone answered"
+            big.close(0)
+            bystander.send(b'{"op": "ping", "id": "after"}')
+            assert bystander.poll(10000)
+            assert json.loads(bystander.recv_multipart()[0])["id"] == "after"
+    finally:
+        bystander.close(0)
+    row = report.row("hostile protocol input")
+    row.tried += len(sizes)
+    row.held += len(sizes)
+    row.notes.append("frames of 64 KiB+1 to 32 MiB dropped at the socket")

@@ -107,6 +107,8 @@ class Library:
         self._root_real = os.path.realpath(self.root)
         # results published but not yet stored (or not storable: cache full or read-only)
         self._unsaved: dict[tuple[str, str, str], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]] = {}
+        self._unstorable: set[tuple[str, str, str]] = set()  # of those, the ones whose put failed
+        self._unrecorded: dict[str, FileRecord] = {}  # file records the cache refused, by path
         self._external_demand: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ queries
@@ -154,8 +156,31 @@ class Library:
         for stage in reversed(self.engine.stages[: self.engine.stages.index(voice.stage) + 1]):
             conditioning = self._conditioning(voice.sha256, stage)
             if conditioning is not None:
+                if stage != voice.stage:
+                    self._rebuild(voice, stage)
                 return stage, conditioning
+        self._rebuild(voice, None)
         return None
+
+    def _rebuild(self, seen: Voice, reached: str | None) -> None:
+        """The cache lost a ready voice's results (a corrupt object, dropped on read): prepare again.
+
+        With an earlier stage still there, the voice stays ready at that stage and the later
+        ones run again in the background; with nothing left it goes back to pending.
+        """
+        with self._lock:
+            voice = self._voices.get(seen.path)
+            if voice is None or voice.generation != seen.generation or voice.state is not VoiceState.READY:
+                return
+            log.warning("cache lost the %s results of voice %s; preparing them again",
+                        voice.stage, voice.name, extra={"voice": voice.name})
+            if reached is not None:
+                voice.stage = reached
+                self._enqueue_locked(_Job(voice.path, voice.generation, background=True))
+            else:
+                voice.state, voice.stage = VoiceState.PENDING, None
+                self._enqueue_locked(_Job(voice.path, voice.generation))
+            self._changed.notify_all()
 
     def _conditioning(self, sha: str, stage: str) -> Conditioning | None:
         key = (sha, self.engine_producer or "", stage)
@@ -270,6 +295,8 @@ class Library:
                 self.cache.record_files(hashed)
             except CacheError as exc:
                 log.warning("cannot record hashes in the cache index: %s", exc)
+                with self._lock:
+                    self._unrecorded.update((r.path, r) for r in hashed)
         report = ReconcileReport(
             files=len(found),
             unchanged=unchanged,
@@ -677,6 +704,8 @@ class Library:
                 log.debug("stage %s of %s gave way to more urgent work", stage, path)
                 return
             meta = dict(getattr(conditioning, "meta", {}))
+            with self._lock:  # as for the first stage: usable from memory if the cache refuses it
+                self._unsaved[(sha, self.engine_producer or "", stage)] = (conditioning, meta)
             self._flush(sha, [(stage, self.engine_producer or "", conditioning, meta)])
             previous = conditioning
             done = self._commit(path, gen, lambda v, s=stage: setattr(v, "stage", s))
@@ -708,10 +737,16 @@ class Library:
             raise AudioError("empty file (0 bytes)")
 
     def _record(self, path: str, st: os.stat_result, sha: str) -> None:
+        record = FileRecord(path, st.st_size, st.st_mtime_ns, st.st_ino, sha)
         try:
-            self.cache.record_file(FileRecord(path, st.st_size, st.st_mtime_ns, st.st_ino, sha))
+            self.cache.record_file(record)
         except CacheError as exc:
             log.warning("cannot record %s in the cache index: %s", path, exc)
+            with self._lock:
+                self._unrecorded[path] = record
+        else:
+            with self._lock:
+                self._unrecorded.pop(path, None)
 
     def _flush(self, sha: str, results: list[tuple[str, str, Mapping[str, np.ndarray], Mapping[str, Any]]]) -> str | None:
         """Store results in the cache; a full or read-only cache costs a recomputation later, nothing now.
@@ -725,11 +760,62 @@ class Library:
                 self.cache.put(sha, producer, kind, arrays, meta)
             except CacheError as exc:
                 log.error("cannot cache %s for %s: %s", kind, sha[:12], exc)
-                problem = f"not cached ({exc})"
+                problem = f"{NOT_CACHED} ({exc})"
+                with self._lock:
+                    self._unstorable.add((sha, producer, kind))
                 continue
             with self._lock:
                 self._unsaved.pop((sha, producer, kind), None)
+                self._unstorable.discard((sha, producer, kind))
         return problem
+
+    def retry_unsaved(self) -> int:
+        """Store results a full or read-only cache refused earlier; how many are stored now.
+
+        Called periodically, so room made in the cache (or a remount read-write) is used without
+        a restart. Results of content no voice has any more are dropped from memory instead.
+        """
+        with self._lock:
+            keys = sorted(self._unstorable)
+            present = {v.sha256 for v in self._voices.values()}
+            # file records first: without one, stored content would count as unreferenced
+            records = [r for p, r in self._unrecorded.items()
+                       if (v := self._voices.get(p)) is not None and v.sha256 == r.sha256]
+            self._unrecorded.clear()
+        if records:
+            try:
+                self.cache.record_files(records)
+            except CacheError as exc:
+                log.debug("still cannot record files: %s", exc)
+                with self._lock:
+                    for r in records:
+                        self._unrecorded.setdefault(r.path, r)
+                return 0
+        stored = 0
+        for key in keys:
+            with self._lock:
+                item = self._unsaved.get(key)
+                if item is None or key[0] not in present:
+                    self._unsaved.pop(key, None)
+                    self._unstorable.discard(key)
+                    continue
+            try:
+                self.cache.put(*key, item[0], item[1])
+            except CacheError as exc:
+                log.debug("still cannot cache %s for %s: %s", key[2], key[0][:12], exc)
+                break  # the cache is still refusing: try again next time
+            stored += 1
+            with self._lock:
+                self._unsaved.pop(key, None)
+                self._unstorable.discard(key)
+                if not any(k[0] == key[0] for k in self._unstorable):
+                    for voice in self._voices.values():
+                        if voice.sha256 == key[0] and voice.note and NOT_CACHED in voice.note:
+                            kept = [part for part in voice.note.split("; ") if not part.startswith(NOT_CACHED)]
+                            voice.note = "; ".join(kept) or None
+        if stored:
+            log.info("stored %d prepared results the cache had refused earlier", stored)
+        return stored
 
     def _lookup(self, sha: str, producer: str, kind: str) -> Mapping[str, np.ndarray] | None:
         with self._lock:
@@ -743,6 +829,9 @@ class Library:
         if done is not None:
             log.warning("voice failed: %s: %s", done.name, reason, extra={"voice": done.name})
             self._emit("failed", done.to_dict())
+
+
+NOT_CACHED = "not cached"
 
 
 def _same_file(voice: Voice, st: os.stat_result) -> bool:
