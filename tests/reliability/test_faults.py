@@ -82,6 +82,15 @@ def entry_kinds(cache_dir: Path, sha: str) -> set[str]:
         db.close()
 
 
+def assert_all_stored(daemon: DaemonProcess, cache_dir: Path) -> None:
+    """With the daemon stopped: every voice's embedding and conditioning on disk, nothing wrong."""
+    shas = {sha256_file(p) for p in daemon.voices.iterdir()}
+    for sha in shas:
+        assert len(entry_kinds(cache_dir, sha)) >= 2, "embedding and conditioning were not stored"
+    problems = cache_problems(cache_dir, shas)
+    assert not any(problems.values()), problems
+
+
 # ---------------------------------------------------------------------------- one daemon, flaky engine
 
 
@@ -280,11 +289,7 @@ def test_cache_full_then_room_again(small_fs: Path, tmp_path: Path, clip_maker: 
         time.sleep(3.0)  # several garbage collections, well past rename_grace_s: nothing may go
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
-    shas = {sha256_file(p) for p in daemon.voices.iterdir()}
-    for sha in shas:
-        assert len(entry_kinds(small_fs / "cache", sha)) >= 2, "embedding and conditioning were not stored"
-    problems = cache_problems(small_fs / "cache", shas)
-    assert not any(problems.values()), problems
+    assert_all_stored(daemon, small_fs / "cache")
     faults_row(report, "cache filesystem full, then room again", True)
 
 
@@ -315,9 +320,5 @@ def test_cache_read_only_then_writable(small_fs: Path, tmp_path: Path, clip_make
     daemon.wait_voice("during", lambda v: v is not None and "not cached" not in (v.get("note") or ""), 30)
     time.sleep(3.0)  # several garbage collections, well past rename_grace_s: nothing may go
     assert daemon.stop() == 0, daemon.log_tail()
-    shas = {sha256_file(p) for p in daemon.voices.iterdir()}
-    for sha in shas:
-        assert len(entry_kinds(small_fs / "cache", sha)) >= 2, "embedding and conditioning were not stored"
-    problems = cache_problems(small_fs / "cache", shas)
-    assert not any(problems.values()), problems
+    assert_all_stored(daemon, small_fs / "cache")
     faults_row(report, "cache filesystem read-only, then writable", True)

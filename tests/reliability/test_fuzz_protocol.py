@@ -67,6 +67,13 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert code == 0
 
 
+def dealer(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
 def check_reply(frame: bytes, parts: list[bytes]) -> None:
     if parts and parts[0] == b"":
         parts = parts[1:]  # an empty frame reads as a REQ envelope delimiter, and is echoed as one
@@ -85,10 +92,7 @@ def check_reply(frame: bytes, parts: list[bytes]) -> None:
 
 @pytest.mark.slow
 def test_fuzzed_frames_never_kill_the_daemon(endpoint: str, report: Any) -> None:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = dealer(endpoint)
     counts = {"frames": 0, "answered": 0}
     messages = st.one_of(frames.map(lambda f: [f]), st.lists(frames, min_size=2, max_size=3))
 
@@ -123,16 +127,11 @@ def test_fuzzed_frames_never_kill_the_daemon(endpoint: str, report: Any) -> None
 @pytest.mark.slow
 def test_oversized_frames_disconnect_the_sender_only(endpoint: str, report: Any) -> None:
     """Frames over max_message_bytes: the socket drops that peer; others are served throughout."""
-    ctx = zmq.Context.instance()
-    bystander = ctx.socket(zmq.DEALER)
-    bystander.setsockopt(zmq.LINGER, 0)
-    bystander.connect(endpoint)
+    bystander = dealer(endpoint)
     sizes = [65537, 100_000, 1 << 20, 8 << 20, 32 << 20]
     try:
         for size in sizes:
-            big = ctx.socket(zmq.DEALER)
-            big.setsockopt(zmq.LINGER, 0)
-            big.connect(endpoint)
+            big = dealer(endpoint)
             big.send(b"{" + b" " * (size - 2) + b"}")
             assert not big.poll(500), "an oversized frame must not be read, let alone answered"
             big.close(0)
