@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
-from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, text, weights
+from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, post, text, weights
 from voiced.engines.kokoro.engine import split_phonemes
 from voiced.engines.kokoro.fitting import CMAES, blend_weights, resample_24k_to_16k
 
@@ -171,6 +171,50 @@ def test_conditioning_round_trips_through_npz(engine, voice):
         engine.synthesize("Hi.", Conditioning({"speaker": np.zeros(3)}), {})
 
 
+def test_voicing_warp_keeps_duration_and_scales_pitch(engine, voice):
+    sr = post.SAMPLE_RATE
+    tone = np.sin(2 * np.pi * 200 * np.arange(sr) / sr).astype(np.float32)
+    for warp in (0.9, 1.1):
+        shifted = post.apply_warp(tone, warp)
+        assert len(shifted) == pytest.approx(sr / warp, rel=0.01)
+        peak = np.argmax(np.abs(np.fft.rfft(shifted * np.hanning(len(shifted))))) * sr / len(shifted)
+        assert peak == pytest.approx(200 * warp, abs=3)
+    sentence = "The rain in Spain stays mainly in the plain."
+    flat = engine.synthesize_all(sentence, voice)
+    for warp in (0.9, 1.1):  # the model speaks at speed / warp, so the duration is kept
+        out = engine.synthesize_all(sentence, Conditioning({"style": voice["style"], "warp": np.array([warp], np.float32)}))
+        assert abs(len(out) - len(flat)) < 0.08 * len(flat) and np.isfinite(out).all()
+        assert not np.allclose(out[: len(flat)], flat[: len(out)])
+
+
+def test_voicing_eq_shapes_the_spectrum(engine, voice):
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(48_000).astype(np.float32) * 0.1
+    gains = np.zeros(post.N_BANDS)
+    gains[: post.N_BANDS // 2] = 6.0
+    gains[post.N_BANDS // 2:] = -6.0
+    shaped = post.apply_eq(noise, gains)
+    got = post.match_gains(post.band_powers(shaped, 24_000), post.band_powers(noise, 24_000))
+    inner = slice(2, post.N_BANDS - 2)  # band edges of a smooth FIR blur the extreme bands
+    assert np.allclose(got[inner] - got[inner].mean(), gains[inner] - gains[inner].mean(), atol=2.5)
+    assert np.array_equal(post.apply_eq(noise, np.zeros(post.N_BANDS)), noise)
+    cond = Conditioning({"style": voice["style"], "eq": gains.astype(np.float32)})
+    assert _rms(engine.synthesize_all("Equalised speech.", cond)) > 0.01
+
+
+@pytest.mark.parametrize("extra", [
+    {"warp": np.array([3.0], np.float32)},
+    {"warp": np.array([1.0, 1.0], np.float32)},
+    {"eq": np.zeros(5, np.float32)},
+    {"eq": np.full(post.N_BANDS, np.nan, np.float32)},
+    {"eq": np.full(post.N_BANDS, 80.0, np.float32)},
+    {"eq": np.full(post.N_BANDS, -80.0, np.float32)},
+])
+def test_bad_voicing_is_an_engine_error(engine, voice, extra):
+    with pytest.raises(EngineError):
+        engine.synthesize("Hi.", Conditioning({"style": voice["style"], **extra}), {})
+
+
 def test_unloaded_engine_says_so(tmp_path):
     with pytest.raises(EngineError, match="not loaded"):
         KokoroEngine(tmp_path).synthesize("Hi.", {}, {})
@@ -217,11 +261,31 @@ def test_quick_voice_is_closer_than_stock(engine, allison):
     quick = engine.prepare_voice(wav, emb, stage="quick")
     stock_name = quick.meta["stock_best"]
     assert quick["style"].shape == (510, 256)
+    assert quick["eq"].shape == (post.N_BANDS,) and post.MIN_GAIN_DB <= quick["eq"].min() <= quick["eq"].max() <= post.MAX_GAIN_DB
+    assert len(quick.meta["reference_bands_db"]) == post.N_BANDS
     probe = "I went to the market yesterday and bought some bread."
     sim_quick = float(fitter.embed_audio(engine.synthesize_all(probe, quick)) @ emb / np.linalg.norm(emb))
     sim_stock = float(fitter.embed_audio(engine.synthesize_all(probe, engine.base_conditioning(stock_name))) @ emb / np.linalg.norm(emb))
     assert quick.meta["similarity"] >= quick.meta["stock_similarity"]
     assert sim_quick >= sim_stock - 0.01  # on unseen text too, up to the encoder's noise
+    again = engine.prepare_voice(wav, emb, stage="quick")
+    assert all(np.array_equal(quick[k], again[k]) for k in quick)
+
+
+def test_eq_tuning_raises_similarity(engine, allison):
+    from voiced.engines.kokoro.eqtune import EqTuner
+
+    wav, emb = allison
+    fitter = engine.fitter()
+    tuner = EqTuner.create(fitter.encoder)
+    assert tuner is not None and EqTuner.create(object()) is None
+    audio = [fitter.base_audio[0][0]]
+    start = post.match_gains(post.band_powers(wav, 16_000), post.band_powers(audio[0], 24_000))
+    gains, before, after, steps = tuner.tune(audio, start, emb, steps=6)
+    assert steps == 6 and after > before and post.MIN_GAIN_DB <= gains.min() <= gains.max() <= post.MAX_GAIN_DB
+    # what the tuner optimised is what the encoder then measures on the equalised audio
+    measured = float(fitter.embed_audio(post.apply_eq(audio[0], gains)) @ emb / np.linalg.norm(emb))
+    assert measured == pytest.approx(after, abs=0.02)
 
 
 @pytest.mark.slow
@@ -230,8 +294,9 @@ def test_refined_is_deterministic_and_not_worse(engine, allison):
     quick = engine.prepare_voice(wav, emb, stage="quick")
     a = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
     b = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
-    assert np.array_equal(a["style"], b["style"])
+    assert all(np.array_equal(a[k], b[k]) for k in ("style", "warp", "eq"))
     assert a.meta["similarity"] >= quick.meta["similarity"]
+    assert post.WARP_RANGE[0] <= float(a["warp"][0]) <= post.WARP_RANGE[1]
     c = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
     d = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
     assert np.array_equal(c["style"], d["style"]) and c.meta["similarity"] >= quick.meta["similarity"]

@@ -21,7 +21,8 @@ from voiced.engines.base import (
     check_seed,
     check_speed,
 )
-from voiced.engines.kokoro import phonemes, text, weights
+from voiced.engines.kokoro import phonemes, post, text, weights
+from voiced.engines.kokoro.fitting import FIT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ STYLE_DIM = 256
 MAX_TOKENS = 510  # model context is 512 including the two pad tokens
 DEFAULT_MAX_CHARS = 100_000
 DEFAULT_VOICE = "jf_alpha"
-# Bump the suffix whenever the text front end or fitting changes what a cache entry would hold.
-ENGINE_VERSION = "kokoro-v1.0-int8+fe1"
+# Bump the suffix whenever the text front end or the voice post-processing changes what a cache
+# entry would hold; fitting.FIT_VERSION (also in ``version``) covers changes to the fit itself.
+ENGINE_VERSION = "kokoro-v1.0-int8+fe1+post1"
 
 _WARMUP_TEXT = "Hello, this is a warm up."
 
@@ -88,7 +90,9 @@ class KokoroEngine(Engine):
     """Kokoro-82M: phonemes (espeak-ng) + a 256-d style vector -> 24 kHz speech.
 
     A voice is a style *pack* of shape (510, 256): row ``n`` is the style used for an utterance
-    of ``n`` tokens, as in Kokoro's own voice files. Cloning fits that pack (see fitting.py).
+    of ``n`` tokens, as in Kokoro's own voice files. Cloning fits that pack (see fitting.py) and
+    two optional arrays applied after the model (see post.py): ``warp`` (pitch and formants) and
+    ``eq`` (band gains matching the reference's spectrum).
     """
 
     name = "kokoro"
@@ -120,7 +124,7 @@ class KokoroEngine(Engine):
         self._session: Any = None
         self._fitter: Any = None
         self._fitter_lock = threading.Lock()
-        self.version = f"{ENGINE_VERSION}-{self._files.sha256[:8]}"
+        self.version = f"{ENGINE_VERSION}+{FIT_VERSION}-{self._files.sha256[:8]}"
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -187,6 +191,23 @@ class KokoroEngine(Engine):
             raise EngineError(f"conditioning style has shape {style.shape}, expected (510, 256), finite")
         return style
 
+    @staticmethod
+    def voicing(conditioning: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray | None]:
+        """The (warp, eq gains in dB) of a conditioning; (1.0, None) when it has neither."""
+        warp = 1.0
+        if "warp" in conditioning:
+            w = np.asarray(conditioning["warp"], dtype=np.float64).reshape(-1)
+            lo, hi = post.WARP_RANGE
+            if w.shape != (1,) or not np.isfinite(w).all() or not lo <= float(w[0]) <= hi:
+                raise EngineError(f"conditioning warp must be one number in [{lo}, {hi}]")
+            warp = float(w[0])
+        eq = None
+        if "eq" in conditioning:
+            eq = np.asarray(conditioning["eq"], dtype=np.float64).reshape(-1)
+            if eq.shape != (post.N_BANDS,) or not np.isfinite(eq).all() or np.abs(eq).max() > post.LIMIT_DB:
+                raise EngineError(f"conditioning eq must hold {post.N_BANDS} finite gains within +-{post.LIMIT_DB:g} dB")
+        return warp, eq
+
     # ----------------------------------------------------------------------------- text
 
     def phonemize(self, text_: str, lang: str = "en-us") -> list[str]:
@@ -235,12 +256,21 @@ class KokoroEngine(Engine):
         check_seed(params)  # accepted for the common interface; this ONNX graph is deterministic
         lang = params.get("lang", "en-us") or "en-us"
         pack = self.style_pack(conditioning)
+        warp, eq = self.voicing(conditioning)
         pieces = self.phonemize(text_, lang)  # raises TextError before any audio is produced
-        return self._generate(pieces, pack, speed)
+        return self._generate(pieces, pack, speed, warp, eq)
 
-    def _generate(self, pieces: list[str], pack: np.ndarray, speed: float) -> Iterator[np.ndarray]:
+    def _generate(self, pieces: list[str], pack: np.ndarray, speed: float, warp: float = 1.0,
+                  eq: np.ndarray | None = None) -> Iterator[np.ndarray]:
         for ps in pieces:
-            yield self.infer(self.tokens(ps), pack, speed)
+            yield self.render(self.tokens(ps), pack, speed, warp, eq)
+
+    def render(self, tokens: list[int], pack: np.ndarray, speed: float = 1.0, warp: float = 1.0,
+               eq: np.ndarray | None = None) -> np.ndarray:
+        """One model call plus the voice's post-processing (the model speaks at speed / warp)."""
+        if warp == 1.0 and eq is None:
+            return self.infer(tokens, pack, speed)
+        return post.finish(self.infer(tokens, pack, speed / warp), warp, eq)
 
     def synthesize_all(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None) -> np.ndarray:
         """Whole utterance as one array (convenience for tests and fitting)."""
@@ -284,6 +314,9 @@ class KokoroEngine(Engine):
         if emb.shape != (STYLE_DIM,) or not np.isfinite(emb).all() or not np.any(emb):
             raise EngineError(f"reference embedding must be a finite non-zero (256,) vector, got shape {emb.shape}")
         fitter = self.fitter()
+        ref = None if reference is None else np.asarray(reference, dtype=np.float32).reshape(-1)
+        if ref is not None and not np.isfinite(ref).all():
+            raise EngineError("reference audio has non-finite samples")
         if stage == "quick":
-            return fitter.quick(emb)
-        return fitter.refine(emb, budget_s=budget_s, previous=previous, should_stop=should_stop)
+            return fitter.quick(emb, ref)
+        return fitter.refine(emb, budget_s=budget_s, previous=previous, should_stop=should_stop, reference=ref)

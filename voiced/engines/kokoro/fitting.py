@@ -4,17 +4,26 @@ Kokoro has no speaker encoder: a voice is a style pack (510 x 256; the first 128
 the decoder's timbre, the last 128 the prosody predictor). Similarity is judged the way the
 daemon judges it, by the GE2E speaker encoder on the synthesized audio (24 kHz -> 16 kHz).
 
-* quick: a convex blend of the base voices. The embedding of each base voice's speech on fixed
-  calibration text is computed once (and cached on disk); the blend weights maximise the cosine
-  between the target and the weighted mean of those embeddings (a fast surrogate, milliseconds),
-  then one real synthesis checks the blend really beats the best single voice.
-* refined: derivative-free search from the quick blend, scored by real synthesis + GE2E, with a
-  penalty (and a hard cap) on drifting out of the base styles' region (far-off styles lose
+Beside the style pack a voice carries a spectral-envelope EQ and a pitch/formant warp (post.py):
+the five base styles (four of them female, all Japanese) span little of the space of English
+speakers, and matching the reference's long-term spectrum is worth more similarity than any
+style move they allow (allison_a: 0.68 -> 0.82 on held-out text with the stock voice alone).
+
+* quick: a convex blend of the base voices. The speech of each base voice on fixed calibration
+  text is synthesized once (audio and embeddings cached on disk); for a reference, each is EQ-
+  matched to the reference's long-term spectrum and embedded (milliseconds each), the blend
+  weights maximise the cosine between the target and the weighted mean of those embeddings (a
+  fast surrogate), then one real synthesis checks the blend really beats the best single voice.
+* refined: a short line search over the warp, then derivative-free search from the quick blend,
+  scored by real synthesis + EQ matched to that candidate + GE2E, with a penalty (and a hard
+  cap) on drifting out of the base styles' region and on warping far (both lose
   intelligibility). Default: trust-region Gauss-Newton on the 256-d embedding with a finite-
   difference + Broyden Jacobian over offsets along the base styles' principal directions, per
   half; alternative: CMA-ES on blend logits + the same offsets, seeded from the embedding's
   bytes. Both are deterministic for a given reference when they stop on ``max_evals``; a time
-  budget can cut them at a machine-dependent point.
+  budget can cut them at a machine-dependent point. Last (EQ_SHARE of the budget), the EQ of
+  the best candidate is re-matched on more speech and tuned by gradient ascent through the
+  encoder (eqtune.py), and kept only if it raises the similarity.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from voiced.engines.base import Conditioning, EngineError
+from voiced.engines.kokoro import post
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +55,14 @@ FD_STEP = 0.7  # finite-difference step, in base-style stds (smaller drowns in t
 VOICE_DIRECTIONS = False  # also search along per-half directions towards each base voice
 MAX_DRIFT = 4.0  # how far (in stds) refined styles may move from the quick blend
 DRIFT_PENALTY = 0.02  # cosine points lost per unit (std-scaled) squared offset, averaged over dims
-FIT_VERSION = "fit1"
+# The refined voice's EQ is finally tuned through the encoder (eqtune.py) on these sentences plus
+# the calibration text: more speech than the search affords per candidate, so the gains it picks
+# hold on other text. The tuning gets EQ_SHARE of the refine budget.
+TUNING_TEXTS = ("She sells fresh fish on the shore.", "Where were you when the lights went out?")
+EQ_SHARE = 0.25
+WARP_GRID = (0.9, 0.95, 1.05, 1.1)  # tried around the quick voice's warp (1.0) before the style search
+WARP_PENALTY = 1.0  # cosine points lost per unit squared log-warp (0.9 or 1.1: about 0.01)
+FIT_VERSION = "fit2"
 
 
 class SpeakerEncoderLike(Protocol):
@@ -168,9 +185,13 @@ class StyleFitter:
         self.packs = np.stack([engine.voices[n] for n in self.names]).astype(np.float64)  # (V, 510, 256)
         # Every sentence of every calibration text is one synthesis (the engine speaks per sentence).
         self.tokens = [engine.tokens(ps) for t in CALIBRATION_TEXTS for ps in engine.phonemize(t, "en-us")]
+        self.tuning_tokens = [engine.tokens(ps) for t in TUNING_TEXTS for ps in engine.phonemize(t, "en-us")]
+        self._tuner: Any = None
+        self._tuner_checked = False
         self._basis = self._offset_basis()
         cache = Path(cache_dir or engine.cache_dir)
         t0 = time.perf_counter()
+        self.base_audio: list[list[np.ndarray]] = []  # per base voice, per calibration text (24 kHz)
         self.base_embs = self._base_embeddings(cache)  # (V, n_texts, 256), unit rows
         log.info("kokoro fitter ready in %.1fs (%d base voices x %d calibration texts)",
                  time.perf_counter() - t0, len(self.names), len(self.tokens))
@@ -198,12 +219,24 @@ class StyleFitter:
     def embed_audio(self, audio24k: np.ndarray) -> np.ndarray:
         return _unit(self.encoder.embed(resample_24k_to_16k(audio24k)))
 
-    def _speak(self, pack: np.ndarray, text_index: int) -> np.ndarray:
-        return self.engine.infer(self.tokens[text_index], pack.astype(np.float32), 1.0)
+    def _speak(self, pack: np.ndarray, text_index: int, warp: float = 1.0) -> np.ndarray:
+        return self.engine.render(self.tokens[text_index], pack.astype(np.float32), 1.0, warp, None)
 
     def _embed_pack(self, pack: np.ndarray) -> np.ndarray:
         """(n_texts, 256) unit embeddings of a pack's speech on the calibration texts."""
         return np.stack([self.embed_audio(self._speak(pack, i)) for i in range(len(self.tokens))])
+
+    def _embed_matched(self, audio: list[np.ndarray], ref_bands: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(mean unit embedding, eq gains) of calibration audio, EQ-matched to ``ref_bands`` if given."""
+        gains = None
+        if ref_bands is not None:
+            gains = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
+            audio = [post.apply_eq(a, gains) for a in audio]
+        return np.mean([self.embed_audio(a) for a in audio], axis=0), gains
+
+    def _evaluate(self, pack: np.ndarray, warp: float, ref_bands: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Synthesize the calibration texts with ``pack`` and ``warp``, match the EQ, embed."""
+        return self._embed_matched([self._speak(pack, i, warp) for i in range(len(self.tokens))], ref_bands)
 
     def _encoder_fingerprint(self) -> str:
         """Identifies the encoder's behaviour, so cached embeddings die with a new encoder."""
@@ -214,53 +247,86 @@ class StyleFitter:
         return hashlib.sha256(emb.tobytes()).hexdigest()[:12]
 
     def _base_embeddings(self, cache: Path) -> np.ndarray:
+        """Embeddings of the base voices' calibration speech; their audio goes to ``base_audio``."""
         key = hashlib.sha256(f"{self.engine.version}|{FIT_VERSION}|{self.names}|{CALIBRATION_TEXTS}|{self._encoder_fingerprint()}".encode()).hexdigest()[:16]
-        path = cache / f"kokoro-calibration-{key}.npy"
+        path = cache / f"kokoro-calibration-{key}.npz"
+        n_voices, n_texts = len(self.names), len(self.tokens)
         try:
-            embs = np.load(path, allow_pickle=False)
-            if embs.shape == (len(self.names), len(self.tokens), 256):
+            with np.load(path, allow_pickle=False) as npz:
+                embs = npz["embs"]
+                audio = [[np.asarray(npz[f"audio_{v}_{i}"], np.float32) for i in range(n_texts)] for v in range(n_voices)]
+            if embs.shape == (n_voices, n_texts, 256):
+                self.base_audio = audio
                 return embs
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             pass
-        embs = np.stack([self._embed_pack(p) for p in self.packs])
+        self.base_audio = [[self._speak(p, i) for i in range(n_texts)] for p in self.packs]
+        embs = np.stack([[self.embed_audio(a) for a in voice] for voice in self.base_audio])
         try:
             cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
-                np.save(f, embs)
+                np.savez(f, embs=embs, **{f"audio_{v}_{i}": a for v, voice in enumerate(self.base_audio) for i, a in enumerate(voice)})
             os.replace(tmp, path)
         except OSError as exc:  # a read-only cache only costs time at the next start
             log.warning("cannot cache Kokoro calibration embeddings: %s", exc)
         return embs
 
-    def score(self, pack: np.ndarray, target: np.ndarray) -> float:
-        """Mean GE2E cosine between ``target`` and the pack's speech on the calibration texts."""
-        return float(np.mean(self._embed_pack(pack) @ _unit(target)))
+    def score(self, pack: np.ndarray, target: np.ndarray, warp: float = 1.0, ref_bands: np.ndarray | None = None) -> float:
+        """GE2E cosine between ``target`` and the pack's (warped, EQ-matched) calibration speech."""
+        return float(self._evaluate(pack, warp, ref_bands)[0] @ _unit(target))
 
-    def _conditioning(self, pack: np.ndarray, stage: str, **meta: Any) -> Conditioning:
-        return Conditioning({"style": pack.astype(np.float32)}, {"engine": "kokoro", "stage": stage, "fit": FIT_VERSION, **meta})
+    def _conditioning(self, pack: np.ndarray, stage: str, warp: float, eq: np.ndarray | None, **meta: Any) -> Conditioning:
+        arrays = {"style": pack.astype(np.float32), "warp": np.array([warp], np.float32)}
+        if eq is not None:
+            arrays["eq"] = np.asarray(eq, np.float32)
+        return Conditioning(arrays, {"engine": "kokoro", "stage": stage, "fit": FIT_VERSION, **meta})
 
     def stock_similarities(self, target: np.ndarray) -> dict[str, float]:
         """Cosine of each base voice's calibration speech to ``target`` (precomputed, instant)."""
         sims = np.einsum("vtd,d->vt", self.base_embs, _unit(target)).mean(axis=1)
         return {n: float(s) for n, s in zip(self.names, sims)}
 
+    @staticmethod
+    def reference_bands(reference: np.ndarray | None, previous: Conditioning | None = None) -> np.ndarray | None:
+        """Long-term spectrum of the 16 kHz reference (or the one an earlier stage recorded)."""
+        if reference is not None and np.asarray(reference).size:
+            return post.band_powers(np.asarray(reference, dtype=np.float64), 16_000)
+        if previous is not None and "reference_bands_db" in previous.meta:
+            return 10 ** (np.asarray(previous.meta["reference_bands_db"], dtype=np.float64) / 10)
+        return None
+
     # ----------------------------------------------------------------------------- stages
 
-    def quick(self, target: np.ndarray) -> Conditioning:
-        """Best blend of the base voices (one real synthesis per calibration text to confirm it)."""
+    def quick(self, target: np.ndarray, reference: np.ndarray | None = None) -> Conditioning:
+        """Best blend of the base voices with an EQ matched to ``reference`` (one real synthesis)."""
         t = _unit(target)
         stock = self.stock_similarities(t)
         best_name = max(stock, key=stock.get)
-        w = blend_weights(t, _unit_rows(self.base_embs.mean(axis=1)))
+        ref_bands = self.reference_bands(reference)
+        if ref_bands is None:
+            embs, gains = self.base_embs.mean(axis=1), [None] * len(self.names)
+        else:  # each base voice EQ-matched to the reference, from its cached calibration audio
+            matched = [self._embed_matched(audio, ref_bands) for audio in self.base_audio]
+            embs, gains = np.stack([m[0] for m in matched]), [m[1] for m in matched]
+        single = _unit_rows(embs) @ t
+        w = blend_weights(t, _unit_rows(embs))
         pack = np.tensordot(w, self.packs, axes=1)
-        sim = self.score(pack, t)
-        if sim < stock[best_name]:  # the surrogate can be wrong; never do worse than stock
-            w = np.eye(len(self.names))[self.names.index(best_name)]
-            pack, sim = self.packs[self.names.index(best_name)], stock[best_name]
+        emb, eq = self._evaluate(pack, 1.0, ref_bands)
+        sim = float(emb @ t)
+        # the surrogate can be wrong; never do worse than the best single (matched or stock) voice
+        k = int(np.argmax(single))
+        if float(single[k]) > sim:
+            w, pack, sim, eq = np.eye(len(self.names))[k], self.packs[k], float(single[k]), gains[k]
+        if stock[best_name] > sim:
+            k = self.names.index(best_name)
+            w, pack, sim, eq = np.eye(len(self.names))[k], self.packs[k], stock[best_name], None
+        meta: dict[str, Any] = {}
+        if ref_bands is not None:
+            meta["reference_bands_db"] = [round(float(x), 3) for x in 10 * np.log10(ref_bands)]
         return self._conditioning(
-            pack, "quick", weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
-            similarity=round(sim, 4), stock_best=best_name, stock_similarity=round(stock[best_name], 4),
+            pack, "quick", 1.0, eq, weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
+            similarity=round(sim, 4), stock_best=best_name, stock_similarity=round(stock[best_name], 4), **meta,
         )
 
     def _decode(self, theta: np.ndarray) -> tuple[np.ndarray, float]:
@@ -282,65 +348,137 @@ class StyleFitter:
         should_stop: Callable[[], bool] | None = None,
         max_evals: int | None = None,
         method: str = "jacobian",
+        reference: np.ndarray | None = None,
     ) -> Conditioning:
-        """Improve on the quick blend with real synthesis + GE2E within ``budget_s`` (default 60 s).
+        """Improve on the quick voice with real synthesis + GE2E within ``budget_s`` (default 60 s).
 
-        ``method="jacobian"`` (default): trust-region Gauss-Newton on the embedding, with the
+        First the warp: the quick voice at each of WARP_GRID (penalised by WARP_PENALTY), the
+        best kept for what follows. Then the style, every candidate scored with its own matched
+        EQ. ``method="jacobian"`` (default): trust-region Gauss-Newton on the embedding, with the
         Jacobian of embedding w.r.t. style offsets estimated by finite differences and kept up to
         date by Broyden updates; every evaluation yields a 256-d embedding, not just a score,
-        which makes it about twice as sample-efficient as CMA-ES here (allison_a: +0.044 cosine
-        in 23 evaluations vs +0.046 in 51 for CMA-ES).
+        which makes it about twice as sample-efficient as CMA-ES here.
         ``method="cmaes"``: CMA-ES on blend logits + offsets, seeded from the embedding bytes.
+        ``reference`` (16 kHz) gives the spectrum to match; without it the one the quick stage
+        recorded in its meta is used.
         """
         t0 = time.perf_counter()
         t = _unit(target)
         budget = DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s)
         if previous is None or "weights" not in previous.meta:
-            previous = self.quick(t)
-        state = _Budget(t0, budget, should_stop, max_evals)
-        if method == "jacobian":
-            pack, sim, offsets, w = self._refine_jacobian(t, previous, state)
-        elif method == "cmaes":
-            pack, sim, offsets, w = self._refine_cmaes(t, previous, state)
-        else:
+            previous = self.quick(t, reference)
+        ref_bands = self.reference_bands(reference, previous)
+        tune = ref_bands is not None and self.tuner() is not None
+        state = _Budget(t0, budget * (1 - EQ_SHARE) if tune else budget, should_stop, max_evals)
+        if method not in ("jacobian", "cmaes"):
             raise EngineError(f"unknown refine method {method!r}")
-        log.info("kokoro refine (%s): %d evals in %.1fs, similarity %.3f -> %.3f", method, state.evals,
-                 time.perf_counter() - t0, previous.meta.get("similarity", float("nan")), sim)
+        start = _Point(np.asarray(previous["style"], dtype=np.float64), *self._previous_voicing(previous),
+                       float(previous.meta.get("similarity", -1.0)))
+        start = self._search_warp(t, start, ref_bands, state)
+        if method == "jacobian":
+            best, offsets, w = self._refine_jacobian(t, previous, start, ref_bands, state)
+        else:
+            best, offsets, w = self._refine_cmaes(t, previous, start, ref_bands, state)
+        meta: dict[str, Any] = {k: previous.meta[k] for k in ("reference_bands_db",) if k in previous.meta}
+        if tune:
+            best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, t0 + budget, should_stop)
+        log.info("kokoro refine (%s): %d evals in %.1fs, similarity %.3f -> %.3f (warp %.3f)", method, state.evals,
+                 time.perf_counter() - t0, previous.meta.get("similarity", float("nan")), best.sim, best.warp)
         return self._conditioning(
-            pack, "refined", method=method, weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
-            offsets=[round(float(x), 4) for x in offsets], similarity=round(sim, 4), evaluations=state.evals,
+            best.pack, "refined", best.warp, best.eq, method=method,
+            weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
+            offsets=[round(float(x), 4) for x in offsets], similarity=round(best.sim, 4), evaluations=state.evals,
             stock_best=previous.meta.get("stock_best"), stock_similarity=previous.meta.get("stock_similarity"),
-            quick_similarity=previous.meta.get("similarity"),
+            quick_similarity=previous.meta.get("similarity"), **meta,
         )
 
-    def _refine_jacobian(self, t: np.ndarray, previous: Conditioning, state: _Budget) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-        base = np.asarray(previous["style"], dtype=np.float64)
+    def tuner(self) -> Any:
+        """The EQ tuner (eqtune.EqTuner), or None when the encoder does not allow one."""
+        if not self._tuner_checked:
+            from voiced.engines.kokoro.eqtune import EqTuner
+
+            self._tuner, self._tuner_checked = EqTuner.create(self.encoder), True
+        return self._tuner
+
+    def _tune_eq(self, t: np.ndarray, best: _Point, ref_bands: np.ndarray, deadline: float,
+                 should_stop: Callable[[], bool] | None) -> tuple[_Point, dict[str, Any]]:
+        """Re-match the EQ on more speech, tune it through the encoder, keep it if it helps.
+
+        Kept only when it raises the mean cosine over all the tuning speech and does not lower
+        the calibration text's, so ``similarity`` never falls below the search's best.
+        """
+        audio: list[np.ndarray] = []
+        for tokens in (*self.tokens, *self.tuning_tokens):
+            if (should_stop is not None and should_stop()) or time.perf_counter() > deadline:
+                return best, {"kept": False, "reason": "no time"}
+            audio.append(self.engine.render(tokens, best.pack.astype(np.float32), 1.0, best.warp, None))
+        matched = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
+        try:
+            gains, before, after, steps = self.tuner().tune(audio, matched, t, deadline=deadline, should_stop=should_stop)
+        except Exception as exc:  # noqa: BLE001 - it leans on the encoder's internals; the search's voice stands
+            log.warning("EQ tuning failed, keeping the matched EQ: %s", exc)
+            return best, {"kept": False, "reason": "failed"}
+        n_cal = len(self.tokens)
+        cal = float(np.mean([self.embed_audio(post.apply_eq(a, gains)) for a in audio[:n_cal]], axis=0) @ t)
+        info = {"steps": steps, "matched": round(before, 4), "tuned": round(after, 4), "calibration": round(cal, 4)}
+        if not after > before or cal < best.sim:
+            return best, {**info, "kept": False}
+        return _Point(best.pack, best.warp, gains, cal), {**info, "kept": True}
+
+    @staticmethod
+    def _previous_voicing(previous: Conditioning) -> tuple[float, np.ndarray | None]:
+        warp = float(np.asarray(previous["warp"]).reshape(-1)[0]) if "warp" in previous else 1.0
+        eq = np.asarray(previous["eq"], dtype=np.float64) if "eq" in previous else None
+        return warp, eq
+
+    def _search_warp(self, t: np.ndarray, start: _Point, ref_bands: np.ndarray | None, state: _Budget) -> _Point:
+        """The quick voice at each warp of WARP_GRID (relative to its own); the best, penalised."""
+        best, best_fit = start, start.sim - _warp_penalty(start.warp)
+        lo, hi = post.WARP_RANGE
+        for factor in WARP_GRID:
+            warp = float(np.clip(start.warp * factor, lo, hi))
+            out = state.run(lambda warp=warp: self._evaluate(start.pack, warp, ref_bands))
+            if out is None:
+                break
+            sim = float(out[0] @ t)
+            if sim - _warp_penalty(warp) > best_fit:
+                best, best_fit = _Point(start.pack, warp, out[1], sim), sim - _warp_penalty(warp)
+        return best
+
+    def _refine_jacobian(self, t: np.ndarray, previous: Conditioning, start: _Point, ref_bands: np.ndarray | None,
+                         state: _Budget) -> tuple[_Point, np.ndarray, np.ndarray]:
+        base, warp = start.pack, start.warp
         w = np.array([float(previous.meta["weights"].get(n, 0.0)) for n in self.names])
         basis = self._jacobian_basis(base) if VOICE_DIRECTIONS else self._basis
         n = len(basis)
         d = np.zeros(n)
-        e0 = state.run(lambda: self._embed_pack(base).mean(axis=0))
-        if e0 is None:
-            return base, float(previous.meta.get("similarity", -1.0)), d, w
-        sim0 = float(e0 @ t)
-        best = (d.copy(), sim0)
+        best, best_d = start, d.copy()
+
+        def evaluate(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+            return state.run(lambda: self._evaluate(base + (offsets @ basis)[None], warp, ref_bands))
+
+        first = evaluate(d)  # the start's embedding (its score came from other calls)
+        if first is None:
+            return best, d, w
+        e0 = first[0]
         jac: np.ndarray | None = None
         radius = 1.5
         while not state.exhausted():
             if jac is None:  # finite differences, one evaluation per direction
                 cols = []
                 for k in range(n):
-                    ek = state.run(lambda k=k: self._embed_pack(base + ((d + FD_STEP * np.eye(n)[k]) @ basis)[None]).mean(axis=0))
+                    ek = evaluate(d + FD_STEP * np.eye(n)[k])
                     if ek is None:
                         break
-                    cols.append((ek - e0) / FD_STEP)
+                    cols.append((ek[0] - e0) / FD_STEP)
                 if len(cols) < n:
                     break
                 jac = np.stack(cols, axis=1)
             step = _trust_step(e0, jac, t, d, radius)
-            e1 = state.run(lambda: self._embed_pack(base + ((d + step) @ basis)[None]).mean(axis=0))
-            if e1 is None:
+            out = evaluate(d + step)
+            if out is None:
                 break
+            e1 = out[0]
             # Broyden rank-one update keeps the model current without n new evaluations.
             jac = jac + np.outer(e1 - e0 - jac @ step, step) / (step @ step + 1e-12)
             sim1 = float(e1 @ t) - DRIFT_PENALTY * float(np.mean((d + step) ** 2))
@@ -348,14 +486,13 @@ class StyleFitter:
             if sim1 > cur:
                 d, e0 = d + step, e1
                 radius = min(radius * 1.5, MAX_DRIFT)
-                if float(e1 @ t) > best[1]:
-                    best = (d.copy(), float(e1 @ t))
+                if float(e1 @ t) > best.sim:
+                    best, best_d = _Point(base + (d @ basis)[None], warp, out[1], float(e1 @ t)), d.copy()
             else:
                 radius *= 0.5
                 if radius < 0.2:  # the model is stale: re-estimate it at the current point
                     jac, radius = None, 1.0
-        d, sim = best
-        return base + (d @ basis)[None], sim, d, w
+        return best, best_d, w
 
     def _jacobian_basis(self, base: np.ndarray) -> np.ndarray:
         """PCA offsets plus, per half, the direction from the blend towards each base voice.
@@ -377,35 +514,48 @@ class StyleFitter:
                     extra.append(v * (unit / norm))
         return np.concatenate([self._basis, np.asarray(extra).reshape(-1, dims)])
 
-    def _refine_cmaes(self, t: np.ndarray, previous: Conditioning, state: _Budget) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    def _refine_cmaes(self, t: np.ndarray, previous: Conditioning, start: _Point, ref_bands: np.ndarray | None,
+                      state: _Budget) -> tuple[_Point, np.ndarray, np.ndarray]:
         v = len(self.names)
         w0 = np.array([float(previous.meta["weights"].get(n, 0.0)) for n in self.names])
         logits0 = np.log(np.maximum(w0, 1e-3))
         x0 = np.concatenate([logits0 - logits0.max(), np.zeros(len(self._basis))])
         seed = int.from_bytes(hashlib.sha256(np.asarray(t, np.float32).tobytes()).digest()[:8], "little")
         es = CMAES(x0, sigma=0.6, seed=seed, popsize=8)
-        best_x, best_fit = x0, float(previous.meta.get("similarity", -1.0))
-        best_sim = best_fit
+        best, best_x, best_fit = start, x0, start.sim
         while not state.exhausted():
             xs = es.ask()
             losses = np.empty(len(xs))
             for i, x in enumerate(xs):
                 pack, penalty = self._decode(x)
-                sim = state.run(lambda pack=pack: self.score(pack, t))
-                if sim is None:
+                out = state.run(lambda pack=pack: self._evaluate(pack, start.warp, ref_bands))
+                if out is None:
                     break
+                sim = float(out[0] @ t)
                 losses[i] = penalty - sim
                 if sim - penalty > best_fit:
-                    best_x, best_fit, best_sim = x, sim - penalty, sim
+                    best, best_x, best_fit = _Point(pack, start.warp, out[1], sim), x, sim - penalty
             else:
                 es.tell(xs, losses)
                 continue
             break
         if best_x is x0:
-            return np.asarray(previous["style"], np.float64), best_sim, np.zeros(len(self._basis)), w0
-        pack, _ = self._decode(best_x)
+            return best, np.zeros(len(self._basis)), w0
         w = np.exp(best_x[:v] - best_x[:v].max())
-        return pack, best_sim, best_x[v:], w / w.sum()
+        return best, best_x[v:], w / w.sum()
+
+
+class _Point:
+    """A candidate voice: style pack, warp, matched EQ (or None) and its similarity."""
+
+    __slots__ = ("pack", "warp", "eq", "sim")
+
+    def __init__(self, pack: np.ndarray, warp: float, eq: np.ndarray | None, sim: float) -> None:
+        self.pack, self.warp, self.eq, self.sim = pack, warp, eq, sim
+
+
+def _warp_penalty(warp: float) -> float:
+    return WARP_PENALTY * float(np.log(warp)) ** 2
 
 
 class _Budget:
