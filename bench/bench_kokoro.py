@@ -130,6 +130,17 @@ def main() -> int:
     print(f"RTF ({dur:.1f} s audio, {len(tokens)} tokens): engine {t_eng / dur:.3f}, bare onnxruntime {t_bare / dur:.3f} "
           f"(front end + overhead {1000 * (t_eng - t_bare):.0f} ms)")
 
+    # a cloned voice also carries a pitch/formant warp and an EQ, applied after the model
+    from voiced.engines.base import Conditioning
+    from voiced.engines.kokoro import post
+
+    cloned = Conditioning.from_npz({**dict(voice), "warp": np.array([1.08], np.float32),
+                                    "eq": np.linspace(-6, 6, post.N_BANDS).astype(np.float32)}, {})
+    cloned_dur = len(engine.synthesize_all(RTF_TEXT, cloned)) / engine.sample_rate
+    t_cloned = _best_of(lambda: engine.synthesize_all(RTF_TEXT, cloned))
+    print(f"RTF of a cloned voice (warp 1.08 and EQ): {t_cloned / cloned_dur:.3f} "
+          f"({t_cloned / cloned_dur / (t_eng / dur):.2f}x the stock voice's)")
+
     def first_chunk() -> None:
         next(iter(engine.synthesize(THREE, voice, {})))
 

@@ -22,7 +22,7 @@ import zmq
 from voiced.testing import DaemonProcess
 
 CLIENTS = 16
-WARMUP_S = float(os.environ.get("VOICED_LOAD_WARMUP_S", "30"))
+WARMUP_S = float(os.environ.get("VOICED_LOAD_WARMUP_S", "45"))
 LOAD_S = float(os.environ.get("VOICED_LOAD_S", "60"))
 REPLY_TIMEOUT_S = 120.0
 OPS = ("synthesize", "voices", "status", "ping")
