@@ -7,7 +7,12 @@ then measures, in one run:
 (1) the daemon's per-request overhead beyond engine compute: client round trip of a short
     synthesis minus the engine time the reply header reports (`engine_s`), against a bare pyzmq
     REQ/REP echo round trip on the same transport (target p50 <= 0.5 ms, p99 <= 2 ms); and the
-    round trip of `ping`, which never touches the model;
+    round trip of `ping`, which never touches the model. A second floor: the smallest server
+    that does the same work, one thread in its own process that receives on a ROUTER, runs the
+    same engine on the same text and sends the same number of bytes back. Its overhead is what
+    the machine charges any server whose reply follows a few hundred milliseconds of compute
+    (threads asleep that long wake slowly, notably in virtual machines); the daemon's own cost
+    is the difference;
 (2) synthesis throughput with 1, 4 and 16 concurrent clients;
 (3) time to first audio with streaming, against the whole reply, for a three-sentence text.
 """
@@ -15,6 +20,8 @@ then measures, in one run:
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -70,10 +77,63 @@ def bare_reqrep(endpoint: str, n: int, reply_bytes: int) -> list[float]:
     return times[20:]
 
 
+def _engine_server(endpoint: str, models_dir: str, reply_bytes: int) -> None:
+    """The bare floor's server process: ROUTER, engine, reply; nothing else."""
+    from voiced.engines.kokoro import KokoroEngine
+
+    engine = KokoroEngine(models_dir)
+    engine.load("cpu")
+    conditioning = engine.default_conditioning()
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.bind(endpoint)
+    while True:
+        parts = router.recv_multipart()
+        if parts[-1] == b"stop":
+            break
+        started = time.monotonic()
+        audio = np.concatenate(list(engine.synthesize(SHORT, conditioning, {})))
+        engine_s = time.monotonic() - started
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+        body = pcm[:reply_bytes].ljust(reply_bytes, b"\0")  # the daemon's voice speaks longer
+        router.send_multipart(parts[:-1] + [json.dumps({"ok": True, "engine_s": engine_s}).encode(), body])
+    router.close(0)
+
+
+def bare_engine(endpoint: str, models_dir: Path, n: int, reply_bytes: int) -> tuple[list[float], list[float]]:
+    """Round trips minus engine time against the bare engine server, and its engine times."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_engine_server, args=(endpoint, str(models_dir), reply_bytes), daemon=True)
+    process.start()
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    overheads, engine = [], []
+    try:
+        for i in range(n + 2):
+            t = time.perf_counter()
+            dealer.send(b'{"op": "synthesize"}')
+            if not dealer.poll(300_000):
+                raise RuntimeError("the bare engine server did not answer")
+            header, _ = dealer.recv_multipart()
+            total = time.perf_counter() - t
+            engine_s = json.loads(header)["engine_s"]
+            if i >= 2:  # the first answers include loading the model
+                overheads.append(total - engine_s)
+                engine.append(engine_s)
+        dealer.send(b"stop")
+        process.join(30)
+    finally:
+        dealer.close(0)
+        if process.is_alive():
+            process.kill()
+    return overheads, engine
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    parser.add_argument("--overhead-only", action="store_true", help="measure (1) only")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="voiced-bench-server-"))
     endpoint = f"tcp://127.0.0.1:{free_port()}" if args.transport == "tcp" else f"ipc://{work}/voiced.sock"
@@ -115,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 engine.append(reply.header["engine_s"])
                 inside.append(reply.header["total_s"] - reply.header["engine_s"])
                 overheads.append(total - reply.header["engine_s"])
-        b50, o50 = pct(bare, 50), pct(overheads, 50)
+        floor, floor_engine = bare_engine(
+            f"tcp://127.0.0.1:{free_port()}" if args.transport == "tcp" else f"ipc://{work}/floor.sock",
+            daemon.cache_dir / "models", args.requests, len(reply.audio))
+        b50, o50, f50 = pct(bare, 50), pct(overheads, 50), pct(floor, 50)
         print(f"(1) per-request cost, {args.requests} requests each; replies of {len(reply.audio)} bytes")
         print(f"    bare pyzmq REQ/REP        p50 {b50:6.3f} ms   p99 {pct(bare, 99):6.3f} ms")
         print(f"    ping                      p50 {pct(pings, 50):6.3f} ms   p99 {pct(pings, 99):6.3f} ms   ({pct(pings, 50) / b50:.1f}x bare)")
@@ -123,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
               f"target p50 <= 0.5 ms, p99 <= 2 ms)")
         print(f"    of which inside daemon    p50 {pct(inside, 50):6.3f} ms   p99 {pct(inside, 99):6.3f} ms   (receipt to reply sent, minus engine)")
         print(f"    (engine time of '{SHORT}'  p50 {pct(engine, 50):6.1f} ms)")
+        print(f"    bare engine server        p50 {f50:6.3f} ms   p99 {pct(floor, 99):6.3f} ms   (one thread, own process, "
+              f"same engine and reply size; engine p50 {pct(floor_engine, 50):.1f} ms)")
+        print(f"    daemon's own cost         p50 {o50 - f50:6.3f} ms   (synthesize minus engine, minus the bare engine server)")
+
+        if args.overhead_only:
+            return 0
 
         # (2) throughput
         print("(2) throughput, short synthesis requests")

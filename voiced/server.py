@@ -1,12 +1,23 @@
-"""The ZeroMQ server: a ROUTER socket loop that never waits on the model, and a synthesis worker.
+"""The ZeroMQ server: one ROUTER socket, two threads that take turns at it (leader/follower).
 
-Threads and sockets (a zmq socket belongs to one thread):
+At any moment one thread is the *leader*: it waits on the ROUTER (bound to every endpoint),
+parses every request, answers the cheap ops itself (ping, voices, status, embed, reload) and
+admits synthesis jobs, answering ``busy`` at once when the bounded queue is full. When a
+synthesis job arrives and the model is idle, the leader does not hand the job to another
+thread: it hands the *socket* over (the other thread becomes leader) and runs the job itself,
+then sends the reply itself. Jobs that arrive meanwhile queue up and that thread runs them in
+turn before it goes back to waiting.
 
-* the socket loop owns the ROUTER (bound to every endpoint) and an inproc PULL; it parses
-  every request, answers the cheap ops itself (ping, voices, status, embed, reload) and puts
-  synthesis jobs on a bounded queue, answering ``busy`` at once when it is full;
-* the synthesis worker owns the model's compute; it sends its replies (and stream chunks)
-  through an inproc PUSH to the loop, which forwards them on the ROUTER.
+Why: on small (virtual) machines each wake-up of a sleeping thread costs 0.1-0.3 ms. A
+dedicated worker fed by a queue, replying through the socket thread, puts two such wake-ups on
+every request's path; here a request meets only the ones any ZeroMQ server pays. The role
+change happens while the model runs, off that path.
+
+The ROUTER is shared, so every operation on it holds ``_socket_lock`` (libzmq allows a socket
+to move between threads across a full memory barrier). The leader sleeps in poll(2) on the
+socket's file descriptor rather than in zmq_poll, so it holds no lock while it waits; as that
+descriptor is edge-triggered, a thread that sends checks afterwards whether input is pending
+and wakes the leader through a pipe.
 
 So ``ping`` and ``status`` are answered within milliseconds while a long synthesis runs.
 """
@@ -15,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
+import os
+import select
 import threading
 import time
 from collections import deque
@@ -52,8 +64,8 @@ from voiced.protocol import (
 
 log = logging.getLogger(__name__)
 
-_REPLIES = "inproc://voiced-replies"
-_WAKE = b"\x00wake"
+_THREADS = 2  # a leader and a synthesizer; they swap roles
+_BATCH = 64  # messages read per turn before the leader looks at anything else
 
 
 class Backend(Protocol):
@@ -129,16 +141,19 @@ class Server:
         self.context = context or zmq.Context.instance()
         self.stats = ServerStats()
         self.endpoints: list[str] = []
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=config.queue_size)
+        self._router: zmq.Socket | None = None
+        self._socket_lock = threading.Lock()  # every operation on the ROUTER
+        self._wake_r = self._wake_w = -1  # a pipe that wakes the leader out of poll(2)
+        self._threads: list[threading.Thread] = []
+        # roles and work, under _state: who leads, whether a thread runs synthesis, what waits
+        self._state = threading.Condition(threading.Lock())
+        self._leader: threading.Thread | None = None
+        self._synthesizing = False
+        self._jobs: deque[Job] = deque()
         self._waiting: list[Job] = []
+        self._taken: Job | None = None  # a job the leader reserved for itself (leader-only)
         self._accepting = True
         self._stop = threading.Event()
-        self._loop_thread: threading.Thread | None = None
-        self._worker_thread: threading.Thread | None = None
-        self._bound = threading.Event()
-        self._bind_error: BaseException | None = None
-        self._in_flight = 0
-        self._lock = threading.Lock()
         self.loop_heartbeat = time.monotonic()
         self.worker_heartbeat = time.monotonic()
         self.worker_hang = threading.Event()  # a test hook: makes the worker stop answering
@@ -151,16 +166,23 @@ class Server:
         if self._keys is not None:  # the ZAP handler must run before the first CURVE handshake
             self.auth = CurveAuth(self.context, self.config.curve_clients_dir)
             self.auth.start()
-        self._loop_thread = threading.Thread(target=self._run_loop, name="voiced-socket", daemon=True)
-        self._loop_thread.start()
-        self._bound.wait(30)
-        if self._bind_error is not None:
+        try:
+            self._router = self._bind()
+        except BaseException:
             if self.auth is not None:
                 self.auth.stop()
                 self.auth = None
-            raise self._bind_error
-        self._worker_thread = threading.Thread(target=self._run_worker, name="voiced-synth", daemon=True)
-        self._worker_thread.start()
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        log.info("listening on %s", ", ".join(self.endpoints))
+        # the socket was made on this thread; Thread.start() is the memory barrier libzmq asks for
+        self._threads = [
+            threading.Thread(target=self._run, name=f"voiced-server-{i}", daemon=True) for i in range(_THREADS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop_accepting(self) -> None:
         """New synthesis requests get ``busy`` from now on; those in flight go on."""
@@ -170,22 +192,28 @@ class Server:
         """Wait until queued and running synthesis requests are answered (True) or the timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self._lock:
-                idle = self._in_flight == 0 and not self._waiting
-            if idle and self._jobs.empty():
+            with self._state:
+                idle = not self._synthesizing and not self._jobs and not self._waiting
+            if idle:
                 return True
             time.sleep(0.02)
         return False
 
     def stop(self) -> None:
         self._stop.set()
-        try:
-            self._jobs.put_nowait(None)
-        except queue.Full:
-            pass
-        for thread in (self._worker_thread, self._loop_thread):
-            if thread is not None:
-                thread.join(5)
+        self._wake_leader()
+        with self._state:
+            self._state.notify_all()
+        for thread in self._threads:
+            thread.join(5)
+        with self._socket_lock:  # a thread stuck in the model may still hold a reply
+            if self._router is not None:
+                self._router.close(0)
+                self._router = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
@@ -196,19 +224,20 @@ class Server:
             self.auth.configure()
 
     def queue_depth(self) -> int:
-        with self._lock:
-            return self._jobs.qsize() + self._in_flight
+        with self._state:
+            return len(self._jobs) + int(self._synthesizing)
 
     def healthy(self, max_stall_s: float) -> bool:
-        """Both the socket loop and the worker made progress within ``max_stall_s`` (systemd watchdog).
+        """The socket and the synthesis side both made progress within ``max_stall_s`` (systemd watchdog).
 
-        The worker beats while it waits for work and after every chunk it synthesizes, so a long
-        text is progress, while a worker stuck inside one call is not.
+        The leader beats every time round its loop. The other thread beats while it waits for
+        work and after every chunk it synthesizes, so a long text is progress, while a thread
+        stuck inside one call is not.
         """
         now = time.monotonic()
-        threads = [t for t in (self._loop_thread, self._worker_thread) if t is not None]
         return (
-            all(t.is_alive() for t in threads)
+            bool(self._threads)
+            and all(t.is_alive() for t in self._threads)
             and now - self.loop_heartbeat <= max_stall_s
             and now - self.worker_heartbeat <= max_stall_s
         )
@@ -218,7 +247,7 @@ class Server:
 
     # ------------------------------------------------------------------ socket loop
 
-    def _bind(self) -> tuple[zmq.Socket, zmq.Socket]:
+    def _bind(self) -> zmq.Socket:
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
@@ -255,48 +284,80 @@ class Server:
         self.endpoints.extend(bound[i] for i in sorted(bound))
         if keys is not None:
             log.info("CURVE authentication on %s", ", ".join(e for e in self.endpoints if e.startswith("tcp://")))
-        pull = self.context.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(_REPLIES + f"-{id(self)}")
-        return router, pull
+        return router
 
-    def _run_loop(self) -> None:
+    # ------------------------------------------------------------------ roles
+
+    def _run(self) -> None:
+        """A server thread: follow until the leader's place is free, lead, synthesize, and again."""
+        me = threading.current_thread()
+        while True:
+            with self._state:
+                while self._leader is not None and not self._stop.is_set():
+                    if not self.worker_hang.is_set():  # test hook: a hung worker stops beating
+                        self.worker_heartbeat = time.monotonic()
+                    self._state.wait(1.0)
+                if self._stop.is_set():
+                    return
+                self._leader = me
+            job = self._lead()
+            if job is None:
+                return
+            self._work(job)
+
+    def _lead(self) -> Job | None:
+        """Serve the socket until a synthesis job is taken (returned, leadership given up) or stop."""
+        router = self._router
+        assert router is not None
+        poller = select.poll()
+        poller.register(router.getsockopt(zmq.FD), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stop.is_set():
+            self.loop_heartbeat = time.monotonic()
+            with self._socket_lock:
+                incoming: list[list[bytes]] = []
+                for _ in range(_BATCH):
+                    try:
+                        incoming.append(router.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            for parts in incoming:
+                for reply in self._handle(parts):
+                    self._send(reply)
+            for reply in self._check_waiting():
+                self._send(reply)
+            job, self._taken = self._taken, None
+            if job is not None:
+                with self._state:
+                    self._leader = None
+                    self._state.notify()  # the other thread takes the socket while this one runs the job
+                return job
+            if len(incoming) == _BATCH:
+                continue
+            with self._socket_lock:
+                pending = router.getsockopt(zmq.EVENTS) & zmq.POLLIN
+            if not pending and poller.poll(50 if self._waiting else 200):
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+        return None
+
+    def _send(self, parts: list[bytes]) -> None:
+        with self._socket_lock:
+            router = self._router
+            if router is None:
+                return
+            router.send_multipart(parts)  # a ROUTER never blocks: it drops for peers that are gone
+            # the send may have consumed the edge that would wake the leader for new input
+            if self._leader is not threading.current_thread() and router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._wake_leader()
+
+    def _wake_leader(self) -> None:
         try:
-            router, pull = self._bind()
-        except BaseException as exc:  # reported to start()
-            self._bind_error = exc
-            self._bound.set()
-            return
-        self._bound.set()
-        log.info("listening on %s", ", ".join(self.endpoints))
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(pull, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                self.loop_heartbeat = time.monotonic()
-                events = dict(poller.poll(50 if self._waiting else 200))
-                if pull in events:
-                    for _ in range(64):  # forward replies first: they finish work already done
-                        try:
-                            parts = pull.recv_multipart(zmq.NOBLOCK, copy=True)
-                        except zmq.Again:
-                            break
-                        if parts != [_WAKE]:
-                            router.send_multipart(parts)
-                if router in events:
-                    for _ in range(64):
-                        try:
-                            parts = router.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        for reply in self._handle(parts):
-                            router.send_multipart(reply)
-                for reply in self._check_waiting():
-                    router.send_multipart(reply)
-        finally:
-            router.close(0)
-            pull.close(0)
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full (the leader is awake anyway) or closed at stop
+            pass
 
     def _handle(self, parts: list[bytes]) -> list[list[bytes]]:
         """Answer one incoming message; returns the messages to send now."""
@@ -358,7 +419,7 @@ class Server:
             if wait_s <= 0:
                 raise self._not_ready(job.request.fields["voice"])
             job.deadline = time.monotonic() + wait_s
-            with self._lock:
+            with self._state:
                 self._waiting.append(job)
             return []
         job.voice, job.conditioning = found
@@ -379,11 +440,16 @@ class Server:
         return ProtocolError(VOICE_NOT_READY, f"voice {name!r} is {state}; ask again later or pass wait_s", state=state)
 
     def _enqueue(self, job: Job) -> list[list[bytes]]:
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            self.stats.busy += 1
-            raise ProtocolError(BUSY, f"{self.config.queue_size} synthesis requests are already waiting") from None
+        """Reserve the job for the leader itself when the model is idle, else queue it (or ``busy``)."""
+        with self._state:
+            if not self._synthesizing and self._taken is None:
+                self._synthesizing = True
+                self._taken = job
+                return []
+            if len(self._jobs) >= self.config.queue_size:
+                self.stats.busy += 1
+                raise ProtocolError(BUSY, f"{self.config.queue_size} synthesis requests are already waiting")
+            self._jobs.append(job)
         return []
 
     def _check_waiting(self) -> list[list[bytes]]:
@@ -391,7 +457,7 @@ class Server:
             return []
         out: list[list[bytes]] = []
         now = time.monotonic()
-        with self._lock:
+        with self._state:
             waiting, self._waiting = self._waiting, []
         still: list[Job] = []
         for job in waiting:
@@ -407,40 +473,31 @@ class Server:
             except ProtocolError as exc:
                 self.stats.observe(now - job.received, False)
                 out.append(job.envelope + [error_reply(job.request.id, exc.code, exc.message, **exc.details)])
-        with self._lock:
+        with self._state:
             self._waiting.extend(still)
         return out
 
     # ------------------------------------------------------------------ synthesis worker
 
-    def _run_worker(self) -> None:
-        push = self.context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(_REPLIES + f"-{id(self)}")
-        try:
-            while True:
-                if self.worker_hang.is_set() and not self._stop.is_set():
-                    time.sleep(0.05)  # test hook: a hung model worker (no heartbeat, no work)
-                    continue
-                self.worker_heartbeat = time.monotonic()
+    def _work(self, job: Job | None) -> None:
+        """Run ``job``, then every job queued meanwhile; the model is this thread's until the queue is empty."""
+        while job is not None:
+            while self.worker_hang.is_set() and not self._stop.is_set():
+                time.sleep(0.05)  # test hook: a hung model worker (no heartbeat, no work)
+            self.worker_heartbeat = time.monotonic()
+            if not self._stop.is_set():
                 try:
-                    job = self._jobs.get(timeout=1.0)
-                except queue.Empty:
-                    continue
+                    self._synthesize(job)
+                except Exception:  # _synthesize answers every failure itself; this is a bug, keep serving
+                    log.exception("unexpected error after synthesis for request %s", job.request.id)
+            with self._state:
+                if self._stop.is_set():
+                    self._jobs.clear()
+                job = self._jobs.popleft() if self._jobs else None
                 if job is None:
-                    return
-                with self._lock:
-                    self._in_flight += 1
-                try:
-                    self._synthesize(job, push)
-                finally:
-                    with self._lock:
-                        self._in_flight -= 1
-                    push.send(_WAKE)
-        finally:
-            push.close()
+                    self._synthesizing = False
 
-    def _synthesize(self, job: Job, push: zmq.Socket) -> None:
+    def _synthesize(self, job: Job) -> None:
         request = job.request
         fields = request.fields
         fmt = fields.get("format", "wav")
@@ -492,7 +549,7 @@ class Server:
                         kept.append(chunk)
                     data = writer.feed(chunk)
                     part = {"id": request.id, "ok": True, "seq": seq, "final": False, **header}
-                    push.send_multipart(job.envelope + [encode(part), data])
+                    self._send(job.envelope + [encode(part), data])
                     seq += 1
                 elif post or keep:
                     kept.append(chunk)  # whole replies are post-processed as one signal
@@ -511,17 +568,17 @@ class Server:
                 body.append(writer.feed(whole))
             tail = writer.finish()
         except PluginError as exc:  # before VoicedError: a plugin's failure is ours, not the client's
-            self._fail(job, push, INTERNAL, str(exc))
+            self._fail(job, INTERNAL, str(exc))
             return
         except ProtocolError as exc:
-            self._fail(job, push, exc.code, exc.message)
+            self._fail(job, exc.code, exc.message)
             return
         except (VoicedError, ValueError) as exc:
-            self._fail(job, push, BAD_REQUEST, str(exc))
+            self._fail(job, BAD_REQUEST, str(exc))
             return
         except Exception as exc:
             log.exception("synthesis failed for voice %s", voice.get("name"))
-            self._fail(job, push, INTERNAL, f"synthesis failed: {type(exc).__name__}: {exc}")
+            self._fail(job, INTERNAL, f"synthesis failed: {type(exc).__name__}: {exc}")
             return
         total_s = time.monotonic() - job.received
         final = {
@@ -535,7 +592,7 @@ class Server:
         }
         if stream:
             final.update(seq=seq, final=True)
-        push.send_multipart(job.envelope + [encode(final), b"".join(body) + tail])
+        self._send(job.envelope + [encode(final), b"".join(body) + tail])
         self.stats.observe(total_s, True)
         if keep and plugins is not None:  # after the reply is on its way; never raises
             audio = np.concatenate(kept) if kept else np.zeros(0, np.float32)
@@ -543,11 +600,11 @@ class Server:
                        "duration_s": round(writer.duration_s, 4)}
             plugins.synthesis_done({**info, "seq": seq, "final": True}, audio, rate, timings)
 
-    def _fail(self, job: Job, push: zmq.Socket, code: str, message: str) -> None:
+    def _fail(self, job: Job, code: str, message: str) -> None:
         self.stats.observe(time.monotonic() - job.received, False)
         reply = error_reply(job.request.id, code, message)
         if job.request.fields.get("stream"):
             # a stream that already sent chunks ends with a final error message
             reply = encode({"id": job.request.id, "ok": False, "final": True,
                             "error": {"code": code, "message": message}})
-        push.send_multipart(job.envelope + [reply])
+        self._send(job.envelope + [reply])
