@@ -112,7 +112,7 @@ def test_notify_ready_watchdog_reload_stop(tmp_path: Path, testdata_dir: Path) -
         assert manager.times("WATCHDOG", quiet_from, time.monotonic()) == [], "pings must stop while the worker hangs"
         assert manager.times("WATCHDOG", hang, hang + 3.0), "pings went on until the stall limit"
         with Client(endpoint, timeout_s=5) as client:
-            assert client.ping()["protocol"] == 1  # the socket loop itself still answers
+            assert client.ping()["protocol"] == 1  # the socket itself is still served
 
         # SIGTERM: STOPPING=1 and exit status 0 within the stop timeout
         term = time.monotonic()

@@ -118,7 +118,7 @@ def voiced_shutdown() -> None:
 def voiced_preprocess_text(text: str, voice: str, params: dict[str, Any]) -> str | None:
     """Rewrite the text of a synthesis request before the engine turns it into phonemes.
 
-    Runs on the synthesis worker thread (``voiced-synth``), once per request, before any
+    Runs on the thread that runs the model for this request (``voiced-server-N``), once per request, before any
     audio. Chained: each plugin gets the previous one's output. ``voice`` is the voice's name;
     ``params`` the request's engine params (read-only by convention). Return the new text, or
     None to leave it unchanged; anything else is an error. Raising: the request fails with

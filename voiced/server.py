@@ -245,7 +245,7 @@ class Server:
     def summary(self) -> dict[str, Any]:
         return {**self.stats.summary(), "queue": self.queue_depth(), "endpoints": list(self.endpoints)}
 
-    # ------------------------------------------------------------------ socket loop
+    # ------------------------------------------------------------------ socket
 
     def _bind(self) -> zmq.Socket:
         router = self.context.socket(zmq.ROUTER)
@@ -477,7 +477,7 @@ class Server:
             self._waiting.extend(still)
         return out
 
-    # ------------------------------------------------------------------ synthesis worker
+    # ------------------------------------------------------------------ synthesis
 
     def _work(self, job: Job | None) -> None:
         """Run ``job``, then every job queued meanwhile; the model is this thread's until the queue is empty."""

@@ -140,7 +140,7 @@ class KokoroEngine(Engine):
             opts.intra_op_num_threads = int(self.threads)
         opts.inter_op_num_threads = 1
         # idle intra-op threads would spin for a while after each call, taking the CPU from the
-        # socket loop and from voice preparation on small machines
+        # thread serving the socket and from voice preparation on small machines
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         t0 = time.perf_counter()
         try:

@@ -25,7 +25,7 @@ from voiced.engines.kokoro import post
 
 log = logging.getLogger(__name__)
 
-STEPS = 40
+STEPS = 80
 LEARNING_RATE = 0.5  # dB per Adam step
 L2 = 0.0005  # cosine points per mean squared dB moved from the matched EQ
 
