@@ -231,10 +231,6 @@ class StyleFitter:
     def _speak(self, pack: np.ndarray, text_index: int, warp: float = 1.0) -> np.ndarray:
         return self.engine.render(self.tokens[text_index], pack.astype(np.float32), 1.0, warp, None)
 
-    def _embed_pack(self, pack: np.ndarray) -> np.ndarray:
-        """(n_texts, 256) unit embeddings of a pack's speech on the calibration texts."""
-        return np.stack([self.embed_audio(self._speak(pack, i)) for i in range(len(self.tokens))])
-
     def _embed_matched(self, audio: list[np.ndarray], ref_bands: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(mean unit embedding, eq gains) of calibration audio, EQ-matched to ``ref_bands`` if given."""
         gains = None
@@ -280,10 +276,6 @@ class StyleFitter:
         except OSError as exc:  # a read-only cache only costs time at the next start
             log.warning("cannot cache Kokoro calibration embeddings: %s", exc)
         return embs
-
-    def score(self, pack: np.ndarray, target: np.ndarray, warp: float = 1.0, ref_bands: np.ndarray | None = None) -> float:
-        """GE2E cosine between ``target`` and the pack's (warped, EQ-matched) calibration speech."""
-        return float(self._evaluate(pack, warp, ref_bands)[0] @ _unit(target))
 
     def _conditioning(self, pack: np.ndarray, stage: str, warp: float, eq: np.ndarray | None, **meta: Any) -> Conditioning:
         arrays = {"style": pack.astype(np.float32), "warp": np.array([warp], np.float32)}
