@@ -31,20 +31,14 @@ L2 = 0.0005  # cosine points per mean squared dB moved from the matched EQ
 
 
 def _interp_matrix(freqs: np.ndarray) -> np.ndarray:
-    """(n_freqs, N_BANDS) weights: the same log-frequency interpolation as post.eq_filter."""
+    """(n_freqs, N_BANDS) weights: the same log-frequency interpolation as post.eq_filter.
+
+    np.interp is linear in the values interpolated, so interpolating each band's unit vector
+    gives that band's column.
+    """
     x = np.log(np.maximum(freqs, 1.0))
     centres = np.log(post.BAND_CENTRES)
-    out = np.zeros((len(freqs), len(centres)))
-    for i, xi in enumerate(x):
-        if xi <= centres[0]:
-            out[i, 0] = 1.0
-        elif xi >= centres[-1]:
-            out[i, -1] = 1.0
-        else:
-            j = int(np.searchsorted(centres, xi)) - 1
-            a = (xi - centres[j]) / (centres[j + 1] - centres[j])
-            out[i, j], out[i, j + 1] = 1.0 - a, a
-    return out
+    return np.stack([np.interp(x, centres, unit) for unit in np.eye(len(centres))], axis=1)
 
 
 class EqTuner:
