@@ -362,6 +362,9 @@ class SpeakerEncoder:
         if self.precision == "bf16":
             model.lstm.to(torch.bfloat16)
         self._model = model.to(self._device).eval()
+        # cuDNN wants the LSTM's weights in one contiguous block; without this it re-packs them
+        # on every call (and warns). A no-op on CPU.
+        self._model.lstm.flatten_parameters()
         self._frontend = MelFrontEnd(self._device)
         self.weights_path = path
         # Precision is deliberately not part of the version: bf16 and fp32 embeddings of one
