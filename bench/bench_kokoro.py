@@ -106,7 +106,7 @@ def main() -> int:
     ap.add_argument("--no-fit", action="store_true")
     ap.add_argument("--speakers", default="allison_a.wav,carlo_a.wav,june_a.wav")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING); logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)
 
     import psutil
 
@@ -123,6 +123,8 @@ def main() -> int:
     tokens = engine.tokens(ps)[:MAX_TOKENS]
     style = engine.style_pack(voice)[len(tokens)].reshape(1, 256)
     feeds = {"tokens": np.asarray([[0, *tokens, 0]], np.int64), "style": style, "speed": np.ones(1, np.float32)}
+    if engine.pitch_control:
+        feeds["pitch"] = np.ones(1, np.float32)
     audio = engine.synthesize_all(RTF_TEXT, voice)
     dur = len(audio) / engine.sample_rate
     t_bare = _best_of(lambda: engine._session.run(None, feeds))
@@ -195,31 +197,46 @@ def main() -> int:
         others = sorted((TESTDATA / "voices").glob(name.replace("_a.", "_b.").rsplit(".", 1)[0] + ".*"))
         emb_b = engine.encoder.embed(sf.read(others[0], dtype="float32")[0]) if others else None
         cross: dict[str, float] = {}
+        whole: dict[str, float] = {}
 
         def sim_of(cond, label: str | None = None) -> float:
-            outs = [fitter.embed_audio(engine.synthesize_all(text, cond)) for text in SIM_TEXTS]
-            if label is not None and emb_b is not None:
-                cross[label] = float(np.mean([cosine(o, emb_b) for o in outs]))
+            audio = [engine.synthesize_all(text, cond) for text in SIM_TEXTS]
+            outs = [fitter.embed_audio(a) for a in audio]
+            if label is not None:
+                whole[label] = cosine(fitter.embed_audio(np.concatenate(audio)), emb)
+                if emb_b is not None:
+                    cross[label] = float(np.mean([cosine(o, emb_b) for o in outs]))
             return float(np.mean([cosine(o, emb) for o in outs]))
 
         stock_sims = {voice: sim_of(engine.base_conditioning(voice), voice) for voice in sorted(engine.voices)}
         stock_name = max(stock_sims, key=stock_sims.get)
         cross["stock"] = cross.get(stock_name, float("nan"))
+        whole["stock"] = whole.get(stock_name, float("nan"))
         sims = {"stock": stock_sims[stock_name], "quick": sim_of(quick, "quick"), "refined": sim_of(refined, "refined")}
         wers = {}
         if recognise is not None:
             for label, cond in (("stock", engine.base_conditioning(stock_name)), ("quick", quick), ("refined", refined)):
                 wers[label] = wer_of(cond)
         warp = float(np.asarray(refined["warp"]).reshape(-1)[0]) if "warp" in refined else 1.0
+        pitch = float(np.asarray(refined["pitch"]).reshape(-1)[0]) if "pitch" in refined else 1.0
         eq = np.asarray(refined["eq"]) if "eq" in refined else np.zeros(1)
         print(f"{name}: stock({stock_name}) {sims['stock']:.3f}  quick {sims['quick']:.3f} ({t_quick:.1f} s)  "
               f"refined {sims['refined']:.3f} ({t_ref:.0f} s, {refined.meta['evaluations']} evals)  "
-              f"gain {sims['refined'] - sims['stock']:+.3f}  [refined warp {warp:.3f}, eq {eq.min():+.1f}..{eq.max():+.1f} dB; "
+              f"gain {sims['refined'] - sims['stock']:+.3f}  [refined warp {warp:.3f}, pitch {pitch:.3f}, eq {eq.min():+.1f}..{eq.max():+.1f} dB; "
               f"targets >= 0.80 {'met' if sims['refined'] >= 0.80 else 'NOT met'}, "
               f"gain >= +0.15 {'met' if sims['refined'] - sims['stock'] >= 0.15 else 'NOT met'}]")
+        print(f"{name}: the five sentences embedded as one utterance, as the reference is: stock {whole['stock']:.3f}  "
+              f"quick {whole['quick']:.3f}  refined {whole['refined']:.3f}")
         if emb_b is not None:
             print(f"{name}: vs {others[0].name} (unseen clip): stock {cross['stock']:.3f}  quick {cross['quick']:.3f}  "
                   f"refined {cross['refined']:.3f}; EQ tuning {refined.meta.get('eq_tuning')}")
+            # the scale for real speech: the other recording, in pieces as long as the sentences
+            wav_b = sf.read(others[0], dtype="float32")[0]
+            n = int(np.mean([len(engine.synthesize_all(t, refined)) for t in SIM_TEXTS[:1]]) / 24_000 * 16_000)
+            pieces = [wav_b[i:i + n] for i in range(0, len(wav_b) - n + 1, n)]
+            print(f"{name}: real speech for scale, {others[0].name} vs the reference: in {len(pieces)} pieces of "
+                  f"{n / 16_000:.1f} s {np.mean([cosine(engine.encoder.embed(p), emb) for p in pieces]):.3f}, "
+                  f"whole {cosine(emb_b, emb):.3f}")
         if wers:
             ratio = wers["refined"] / wers["stock"] if wers["stock"] > 0 else float("inf") if wers["refined"] > 0 else 1.0
             print(f"{name}: WER stock {wers['stock']:.1%}  quick {wers['quick']:.1%}  refined {wers['refined']:.1%}  "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
-from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, post, text, weights
+from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, text, weights
 from voiced.engines.kokoro.engine import split_phonemes
 from voiced.engines.kokoro.fitting import CMAES, blend_weights, resample_24k_to_16k
 
@@ -49,6 +49,36 @@ def test_corrupt_parts_are_rejected(tmp_path):
     with pytest.raises(EngineError, match="corrupt"):
         weights.assemble_model(tmp_path, bad)
     assert not list(tmp_path.iterdir())
+
+
+def test_pitch_input_is_added_once_and_rebuilt_when_damaged(engine):
+    assert engine.pitch_control
+    (edited,) = engine.cache_dir.glob(f"*-{graph.EDIT_VERSION}.onnx")
+    digest = edited.with_name(edited.name + ".sha256")
+    assert digest.read_text().strip() == weights.sha256_file(edited)
+    source = edited.with_name(edited.name.replace(f"-{graph.EDIT_VERSION}", ""))
+    assert graph.pitched_model(source) == edited  # cached: same file, not rebuilt
+    with open(edited, "r+b") as f:  # a flipped byte no longer matches the digest
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert graph.pitched_model(source) == edited
+    assert digest.read_text().strip() == weights.sha256_file(edited)
+    assert not list(engine.cache_dir.glob(".*.tmp"))
+
+
+def test_a_graph_without_f0_is_served_without_pitch(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other", [x], [y]))
+    src = tmp_path / "other.onnx"
+    onnx.save(model, str(src))
+    assert graph.pitched_model(src) is None
+    assert not graph.edit(src, tmp_path / "out.onnx") and not (tmp_path / "out.onnx").exists()
 
 
 def test_voices_and_vocab():
@@ -187,6 +217,36 @@ def test_voicing_warp_keeps_duration_and_scales_pitch(engine, voice):
         assert not np.allclose(out[: len(flat)], flat[: len(out)])
 
 
+def _median_f0(audio: np.ndarray, sr: int = 24_000) -> float:
+    """Median F0 of the clearly voiced 40 ms frames (normalised autocorrelation peak > 0.6)."""
+    n, hop = int(0.04 * sr), int(0.01 * sr)
+    lags = np.arange(sr // 500, sr // 60)
+    f0s = []
+    for start in range(0, len(audio) - n, hop):
+        frame = audio[start:start + n].astype(np.float64)
+        frame -= frame.mean()
+        energy = float(frame @ frame)
+        if energy < 1e-4:
+            continue
+        ac = np.array([frame[:-lag] @ frame[lag:] for lag in lags]) / energy
+        k = int(np.argmax(ac))
+        if ac[k] > 0.6:
+            f0s.append(sr / lags[k])
+    assert len(f0s) > 20
+    return float(np.median(f0s))
+
+
+def test_voicing_pitch_moves_f0_and_keeps_timing(engine, voice):
+    sentence = "We were away a year ago, in May."
+    flat = engine.synthesize_all(sentence, voice)
+    low, high = (engine.synthesize_all(sentence, Conditioning({"style": voice["style"], "pitch": np.array([p], np.float32)}))
+                 for p in (0.8, 1.25))
+    # the durations come from the predictor, before the F0 curve: timing is untouched
+    assert len(low) == len(flat) == len(high)
+    assert _median_f0(high) / _median_f0(low) == pytest.approx(1.25 / 0.8, rel=0.1)
+    assert _median_f0(flat) == pytest.approx(_median_f0(low) / 0.8, rel=0.1)
+
+
 def test_voicing_eq_shapes_the_spectrum(engine, voice):
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(48_000).astype(np.float32) * 0.1
@@ -205,6 +265,9 @@ def test_voicing_eq_shapes_the_spectrum(engine, voice):
 @pytest.mark.parametrize("extra", [
     {"warp": np.array([3.0], np.float32)},
     {"warp": np.array([1.0, 1.0], np.float32)},
+    {"pitch": np.array([3.0], np.float32)},
+    {"pitch": np.array([np.nan], np.float32)},
+    {"pitch": np.array([1.0, 1.0], np.float32)},
     {"eq": np.zeros(5, np.float32)},
     {"eq": np.full(post.N_BANDS, np.nan, np.float32)},
     {"eq": np.full(post.N_BANDS, 80.0, np.float32)},
@@ -294,9 +357,11 @@ def test_refined_is_deterministic_and_not_worse(engine, allison):
     quick = engine.prepare_voice(wav, emb, stage="quick")
     a = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
     b = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
-    assert all(np.array_equal(a[k], b[k]) for k in ("style", "warp", "eq"))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert a.meta["similarity"] >= quick.meta["similarity"]
     assert post.WARP_RANGE[0] <= float(a["warp"][0]) <= post.WARP_RANGE[1]
+    voicing = engine.voicing(a)
+    assert post.PITCH_RANGE[0] <= voicing.pitch <= post.PITCH_RANGE[1]
     c = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
     d = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
     assert np.array_equal(c["style"], d["style"]) and c.meta["similarity"] >= quick.meta["similarity"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,8 +22,9 @@ from voiced.engines.base import (
     check_seed,
     check_speed,
 )
-from voiced.engines.kokoro import phonemes, post, text, weights
+from voiced.engines.kokoro import graph, phonemes, post, text, weights
 from voiced.engines.kokoro.fitting import FIT_VERSION
+from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ DEFAULT_VOICE = "jf_alpha"
 # Bump the suffix whenever the text front end or the voice post-processing changes what a cache
 # entry would hold; fitting.FIT_VERSION (also in ``version``) covers changes to the fit itself.
 ENGINE_VERSION = "kokoro-v1.0-int8+fe1+post1"
+_MODEL_INPUTS = {"tokens", "style", "speed"}
 
 _WARMUP_TEXT = "Hello, this is a warm up."
 
@@ -91,8 +94,9 @@ class KokoroEngine(Engine):
 
     A voice is a style *pack* of shape (510, 256): row ``n`` is the style used for an utterance
     of ``n`` tokens, as in Kokoro's own voice files. Cloning fits that pack (see fitting.py) and
-    two optional arrays applied after the model (see post.py): ``warp`` (pitch and formants) and
-    ``eq`` (band gains matching the reference's spectrum).
+    three optional arrays: ``pitch`` (a factor on the model's F0 curve, see graph.py), ``warp``
+    (pitch and formants) and ``eq`` (band gains matching the reference's spectrum), the last two
+    applied after the model (see post.py).
     """
 
     name = "kokoro"
@@ -121,6 +125,8 @@ class KokoroEngine(Engine):
         if default_voice not in self.voices:
             raise EngineError(f"unknown base voice {default_voice!r}; have {sorted(self.voices)}")
         self.device = "unloaded"
+        self.pitch_control = False
+        self._warned_no_pitch = False
         self._session: Any = None
         self._fitter: Any = None
         self._fitter_lock = threading.Lock()
@@ -144,13 +150,18 @@ class KokoroEngine(Engine):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         t0 = time.perf_counter()
         try:
+            path = graph.pitched_model(path) or path
+        except (EngineError, OSError, subprocess.SubprocessError) as exc:  # the model still speaks, at its own pitch
+            log.warning("serving the Kokoro model without pitch control: %s", exc)
+        try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own types; a corrupt file lands here
             raise EngineError(f"cannot load the Kokoro model {path}: {exc}") from exc
         self.device = resolved if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         names = {i.name for i in self._session.get_inputs()}
-        if names != {"tokens", "style", "speed"}:
+        if names not in (_MODEL_INPUTS, _MODEL_INPUTS | {graph.PITCH_INPUT}):
             raise EngineError(f"unexpected Kokoro model inputs {sorted(names)}")
+        self.pitch_control = graph.PITCH_INPUT in names
         audio = np.concatenate(list(self.synthesize(_WARMUP_TEXT, self.default_conditioning(), {})))
         log.info("kokoro loaded on %s in %.2fs (warm-up %.2fs of audio)", self.device,
                  time.perf_counter() - t0, len(audio) / SAMPLE_RATE)
@@ -192,21 +203,25 @@ class KokoroEngine(Engine):
         return style
 
     @staticmethod
-    def voicing(conditioning: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray | None]:
-        """The (warp, eq gains in dB) of a conditioning; (1.0, None) when it has neither."""
-        warp = 1.0
-        if "warp" in conditioning:
-            w = np.asarray(conditioning["warp"], dtype=np.float64).reshape(-1)
-            lo, hi = post.WARP_RANGE
-            if w.shape != (1,) or not np.isfinite(w).all() or not lo <= float(w[0]) <= hi:
-                raise EngineError(f"conditioning warp must be one number in [{lo}, {hi}]")
-            warp = float(w[0])
+    def voicing(conditioning: Mapping[str, np.ndarray]) -> Voicing:
+        """The warp, pitch and EQ gains (dB) of a conditioning; defaults for what it lacks."""
+
+        def factor(key: str, lo: float, hi: float) -> float:
+            if key not in conditioning:
+                return 1.0
+            v = np.asarray(conditioning[key], dtype=np.float64).reshape(-1)
+            if v.shape != (1,) or not np.isfinite(v).all() or not lo <= float(v[0]) <= hi:
+                raise EngineError(f"conditioning {key} must be one number in [{lo}, {hi}]")
+            return float(v[0])
+
+        warp = factor("warp", *post.WARP_RANGE)
+        pitch = factor("pitch", *PITCH_RANGE)
         eq = None
         if "eq" in conditioning:
             eq = np.asarray(conditioning["eq"], dtype=np.float64).reshape(-1)
             if eq.shape != (post.N_BANDS,) or not np.isfinite(eq).all() or np.abs(eq).max() > post.LIMIT_DB:
                 raise EngineError(f"conditioning eq must hold {post.N_BANDS} finite gains within +-{post.LIMIT_DB:g} dB")
-        return warp, eq
+        return Voicing(warp, pitch, eq)
 
     # ----------------------------------------------------------------------------- text
 
@@ -228,18 +243,23 @@ class KokoroEngine(Engine):
 
     # ----------------------------------------------------------------------------- synthesis
 
-    def infer(self, tokens: list[int], style_pack: np.ndarray, speed: float = 1.0) -> np.ndarray:
+    def infer(self, tokens: list[int], style_pack: np.ndarray, speed: float = 1.0, pitch: float = 1.0) -> np.ndarray:
         """One model call: up to MAX_TOKENS token ids -> float32 audio."""
         self._require_loaded()
         if not tokens:
             return np.zeros(0, np.float32)
         tokens = tokens[:MAX_TOKENS]
         style = style_pack[min(len(tokens), style_pack.shape[0] - 1)].reshape(1, STYLE_DIM)
-        out = self._session.run(None, {
+        feeds = {
             "tokens": np.asarray([[0, *tokens, 0]], dtype=np.int64),
             "style": np.ascontiguousarray(style, dtype=np.float32),
             "speed": np.asarray([speed], dtype=np.float32),
-        })[0]
+        }
+        if self.pitch_control:
+            feeds[graph.PITCH_INPUT] = np.asarray([pitch], dtype=np.float32)
+        elif pitch != 1.0:
+            self._warn_no_pitch()
+        out = self._session.run(None, feeds)[0]
         audio = np.asarray(out, dtype=np.float32).reshape(-1)
         # int8 kernels on unusual styles can overflow; never hand NaNs to a sound card.
         return np.nan_to_num(np.clip(audio, -1.0, 1.0), nan=0.0)
@@ -256,21 +276,25 @@ class KokoroEngine(Engine):
         check_seed(params)  # accepted for the common interface; this ONNX graph is deterministic
         lang = params.get("lang", "en-us") or "en-us"
         pack = self.style_pack(conditioning)
-        warp, eq = self.voicing(conditioning)
+        voicing = self.voicing(conditioning)
         pieces = self.phonemize(text_, lang)  # raises TextError before any audio is produced
-        return self._generate(pieces, pack, speed, warp, eq)
+        return self._generate(pieces, pack, speed, voicing)
 
-    def _generate(self, pieces: list[str], pack: np.ndarray, speed: float, warp: float = 1.0,
-                  eq: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    def _generate(self, pieces: list[str], pack: np.ndarray, speed: float, voicing: Voicing) -> Iterator[np.ndarray]:
         for ps in pieces:
-            yield self.render(self.tokens(ps), pack, speed, warp, eq)
+            yield self.render(self.tokens(ps), pack, speed, voicing)
 
-    def render(self, tokens: list[int], pack: np.ndarray, speed: float = 1.0, warp: float = 1.0,
-               eq: np.ndarray | None = None) -> np.ndarray:
+    def render(self, tokens: list[int], pack: np.ndarray, speed: float = 1.0, voicing: Voicing = Voicing()) -> np.ndarray:
         """One model call plus the voice's post-processing (the model speaks at speed / warp)."""
+        warp, pitch, eq = voicing
         if warp == 1.0 and eq is None:
-            return self.infer(tokens, pack, speed)
-        return post.finish(self.infer(tokens, pack, speed / warp), warp, eq)
+            return self.infer(tokens, pack, speed, pitch)
+        return post.finish(self.infer(tokens, pack, speed / warp, pitch), warp, eq)
+
+    def _warn_no_pitch(self) -> None:
+        if not self._warned_no_pitch:
+            self._warned_no_pitch = True
+            log.warning("this Kokoro model has no pitch control: voices fitted with a pitch are spoken at the model's own")
 
     def synthesize_all(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None) -> np.ndarray:
         """Whole utterance as one array (convenience for tests and fitting)."""

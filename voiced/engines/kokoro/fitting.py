@@ -4,10 +4,11 @@ Kokoro has no speaker encoder: a voice is a style pack (510 x 256; the first 128
 the decoder's timbre, the last 128 the prosody predictor). Similarity is judged the way the
 daemon judges it, by the GE2E speaker encoder on the synthesized audio (24 kHz -> 16 kHz).
 
-Beside the style pack a voice carries a spectral-envelope EQ and a pitch/formant warp (post.py):
-the five base styles (four of them female, all Japanese) span little of the space of English
-speakers, and matching the reference's long-term spectrum is worth more similarity than any
-style move they allow (allison_a: 0.68 -> 0.82 on held-out text with the stock voice alone).
+Beside the style pack a voice carries a spectral-envelope EQ, a pitch/formant warp (post.py)
+and a factor on the model's own F0 curve (graph.py): the five base styles (four of them female,
+all Japanese) span little of the space of English speakers, and matching the reference's
+long-term spectrum is worth more similarity than any style move they allow (allison_a: 0.68 ->
+0.82 on held-out text with the stock voice alone).
 
 * quick: a convex blend of the base voices. The speech of each base voice on fixed calibration
   text is synthesized once (audio and embeddings cached on disk); for a reference, each is EQ-
@@ -21,9 +22,10 @@ style move they allow (allison_a: 0.68 -> 0.82 on held-out text with the stock v
   difference + Broyden Jacobian over offsets along the base styles' principal directions, per
   half; alternative: CMA-ES on blend logits + the same offsets, seeded from the embedding's
   bytes. Both are deterministic for a given reference when they stop on ``max_evals``; a time
-  budget can cut them at a machine-dependent point. Last (EQ_SHARE of the budget), the EQ of
-  the best candidate is re-matched on more speech and tuned by gradient ascent through the
-  encoder (eqtune.py), and kept only if it raises the similarity.
+  budget can cut them at a machine-dependent point. Last (EQ_SHARE of the budget), the pitch
+  of the best candidate is chosen on a few sentences, its EQ re-matched on more speech and
+  tuned by gradient ascent through the encoder (eqtune.py); both are kept only if they raise
+  the similarity.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 
 from voiced.engines.base import Conditioning, EngineError
 from voiced.engines.kokoro import post
+from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,17 @@ TUNING_TEXTS = (
 )
 # With two tuning sentences, longer tuning fitted them rather than the speaker (held-out
 # similarity fell); with five it generalises, and the tuning is worth more per second than
-# further style search.
-EQ_SHARE = 0.4
+# further style search. The share also pays for speaking the pitch texts at each pitch tried.
+EQ_SHARE = 0.55
 WARP_GRID = (0.9, 0.95, 1.05, 1.1)  # tried around the quick voice's warp (1.0) before the style search
 WARP_PENALTY = 1.0  # cosine points lost per unit squared log-warp (0.9 or 1.1: about 0.01)
-FIT_VERSION = "fit3"
+# The pitch (the model's own F0, formants untouched) is chosen last, for the search's best style,
+# among these factors, on the calibration text and the first PITCH_TUNING_TEXTS tuning texts:
+# chosen before the style search, the search and the EQ undid what it gained.
+PITCH_GRID = (0.9, 1.12)
+PITCH_TUNING_TEXTS = 2
+PITCH_PENALTY = 0.3  # cosine points per unit squared log-pitch (0.9 or 1.12: about 0.003)
+FIT_VERSION = "fit4"
 
 
 class SpeakerEncoderLike(Protocol):
@@ -228,8 +237,8 @@ class StyleFitter:
     def embed_audio(self, audio24k: np.ndarray) -> np.ndarray:
         return _unit(self.encoder.embed(resample_24k_to_16k(audio24k)))
 
-    def _speak(self, pack: np.ndarray, text_index: int, warp: float = 1.0) -> np.ndarray:
-        return self.engine.render(self.tokens[text_index], pack.astype(np.float32), 1.0, warp, None)
+    def _speak(self, pack: np.ndarray, text_index: int, warp: float = 1.0, pitch: float = 1.0) -> np.ndarray:
+        return self.engine.render(self.tokens[text_index], pack.astype(np.float32), 1.0, Voicing(warp, pitch))
 
     def _embed_matched(self, audio: list[np.ndarray], ref_bands: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(mean unit embedding, eq gains) of calibration audio, EQ-matched to ``ref_bands`` if given."""
@@ -239,9 +248,10 @@ class StyleFitter:
             audio = [post.apply_eq(a, gains) for a in audio]
         return np.mean([self.embed_audio(a) for a in audio], axis=0), gains
 
-    def _evaluate(self, pack: np.ndarray, warp: float, ref_bands: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Synthesize the calibration texts with ``pack`` and ``warp``, match the EQ, embed."""
-        return self._embed_matched([self._speak(pack, i, warp) for i in range(len(self.tokens))], ref_bands)
+    def _evaluate(self, pack: np.ndarray, warp: float, ref_bands: np.ndarray | None,
+                  pitch: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Synthesize the calibration texts with ``pack``, ``warp`` and ``pitch``, match the EQ, embed."""
+        return self._embed_matched([self._speak(pack, i, warp, pitch) for i in range(len(self.tokens))], ref_bands)
 
     def _encoder_fingerprint(self) -> str:
         """Identifies the encoder's behaviour, so cached embeddings die with a new encoder."""
@@ -277,8 +287,11 @@ class StyleFitter:
             log.warning("cannot cache Kokoro calibration embeddings: %s", exc)
         return embs
 
-    def _conditioning(self, pack: np.ndarray, stage: str, warp: float, eq: np.ndarray | None, **meta: Any) -> Conditioning:
+    def _conditioning(self, pack: np.ndarray, stage: str, warp: float, eq: np.ndarray | None, pitch: float = 1.0,
+                      **meta: Any) -> Conditioning:
         arrays = {"style": pack.astype(np.float32), "warp": np.array([warp], np.float32)}
+        if pitch != 1.0:
+            arrays["pitch"] = np.array([pitch], np.float32)
         if eq is not None:
             arrays["eq"] = np.asarray(eq, np.float32)
         return Conditioning(arrays, {"engine": "kokoro", "stage": stage, "fit": FIT_VERSION, **meta})
@@ -373,8 +386,7 @@ class StyleFitter:
         state = _Budget(t0, budget * (1 - EQ_SHARE) if tune else budget, should_stop, max_evals)
         if method not in ("jacobian", "cmaes"):
             raise EngineError(f"unknown refine method {method!r}")
-        start = _Point(np.asarray(previous["style"], dtype=np.float64), *self._previous_voicing(previous),
-                       float(previous.meta.get("similarity", -1.0)))
+        start = self._previous_point(previous)
         start = self._search_warp(t, start, ref_bands, state)
         if method == "jacobian":
             best, offsets, w = self._refine_jacobian(t, previous, start, ref_bands, state)
@@ -383,10 +395,11 @@ class StyleFitter:
         meta: dict[str, Any] = {k: previous.meta[k] for k in ("reference_bands_db",) if k in previous.meta}
         if tune:
             best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, t0 + budget, should_stop)
-        log.info("kokoro refine (%s): %d evals in %.1fs, similarity %.3f -> %.3f (warp %.3f)", method, state.evals,
-                 time.perf_counter() - t0, previous.meta.get("similarity", float("nan")), best.sim, best.warp)
+        log.info("kokoro refine (%s): %d evals in %.1fs, similarity %.3f -> %.3f (warp %.3f, pitch %.3f)", method,
+                 state.evals, time.perf_counter() - t0, previous.meta.get("similarity", float("nan")), best.sim, best.warp,
+                 best.pitch)
         return self._conditioning(
-            best.pack, "refined", best.warp, best.eq, method=method,
+            best.pack, "refined", best.warp, best.eq, best.pitch, method=method,
             weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
             offsets=[round(float(x), 4) for x in offsets], similarity=round(best.sim, 4), evaluations=state.evals,
             stock_best=previous.meta.get("stock_best"), stock_similarity=previous.meta.get("stock_similarity"),
@@ -403,34 +416,65 @@ class StyleFitter:
 
     def _tune_eq(self, t: np.ndarray, best: _Point, ref_bands: np.ndarray, deadline: float,
                  should_stop: Callable[[], bool] | None) -> tuple[_Point, dict[str, Any]]:
-        """Re-match the EQ on more speech, tune it through the encoder, keep it if it helps.
+        """Choose the pitch, re-match the EQ on more speech, tune it through the encoder.
 
-        Kept only when it raises the mean cosine over all the tuning speech and does not lower
-        the calibration text's, so ``similarity`` never falls below the search's best.
+        The pitch: the best voice's own and each of PITCH_GRID (relative to it), scored on the
+        pitch texts with a matched EQ, penalised by PITCH_PENALTY. The result is kept only when
+        the tuning raises the mean cosine over all the tuning speech and does not lower the
+        calibration text's, so ``similarity`` never falls below the search's best.
         """
-        audio: list[np.ndarray] = []
-        for tokens in (*self.tokens, *self.tuning_tokens):
-            if (should_stop is not None and should_stop()) or time.perf_counter() > deadline:
-                return best, {"kept": False, "reason": "no time"}
-            audio.append(self.engine.render(tokens, best.pack.astype(np.float32), 1.0, best.warp, None))
-        matched = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
+
+        def speak(texts: list[list[int]], pitch: float) -> list[np.ndarray] | None:
+            audio = []
+            for tokens in texts:
+                if (should_stop is not None and should_stop()) or time.perf_counter() > deadline:
+                    return None
+                audio.append(self.engine.render(tokens, best.pack.astype(np.float32), 1.0, Voicing(best.warp, pitch)))
+            return audio
+
+        def matched_gains(audio: list[np.ndarray]) -> np.ndarray:
+            return post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
+
+        pitch_texts = [*self.tokens, *self.tuning_tokens[:PITCH_TUNING_TEXTS]]
+        pitches = [best.pitch]
+        if self.engine.pitch_control:
+            pitches += [float(np.clip(best.pitch * f, *PITCH_RANGE)) for f in PITCH_GRID]
+        tried: list[tuple[float, float, list[np.ndarray]]] = []  # (penalised score, pitch, audio)
+        for pitch in pitches:
+            audio = speak(pitch_texts, pitch)
+            if audio is None:
+                break
+            gains = matched_gains(audio)
+            score = float(np.mean([self.embed_audio(post.apply_eq(a, gains)) for a in audio], axis=0) @ t)
+            tried.append((score - _pitch_penalty(pitch), pitch, audio))
+        _, pitch, first = max(tried, key=lambda x: x[0], default=(0.0, best.pitch, []))
+        rest = speak(self.tuning_tokens[PITCH_TUNING_TEXTS:], pitch) if first else None
+        if rest is None:
+            return best, {"kept": False, "reason": "no time"}
+        audio = first + rest
+        info: dict[str, Any] = {"pitches": {str(round(p, 3)): round(sc, 4) for sc, p, _ in tried}}
         try:
-            gains, before, after, steps = self.tuner().tune(audio, matched, t, deadline=deadline, should_stop=should_stop)
+            gains, before, after, steps = self.tuner().tune(audio, matched_gains(audio), t, deadline=deadline,
+                                                            should_stop=should_stop)
         except Exception as exc:  # noqa: BLE001 - it leans on the encoder's internals; the search's voice stands
             log.warning("EQ tuning failed, keeping the matched EQ: %s", exc)
-            return best, {"kept": False, "reason": "failed"}
+            return best, {**info, "kept": False, "reason": "failed"}
         n_cal = len(self.tokens)
         cal = float(np.mean([self.embed_audio(post.apply_eq(a, gains)) for a in audio[:n_cal]], axis=0) @ t)
-        info = {"steps": steps, "matched": round(before, 4), "tuned": round(after, 4), "calibration": round(cal, 4)}
+        info.update(steps=steps, matched=round(before, 4), tuned=round(after, 4), calibration=round(cal, 4))
         if not after > before or cal < best.sim:
             return best, {**info, "kept": False}
-        return _Point(best.pack, best.warp, gains, cal), {**info, "kept": True}
+        return _Point(best.pack, best.warp, gains, cal, pitch), {**info, "pitch": round(pitch, 3), "kept": True}
 
-    @staticmethod
-    def _previous_voicing(previous: Conditioning) -> tuple[float, np.ndarray | None]:
-        warp = float(np.asarray(previous["warp"]).reshape(-1)[0]) if "warp" in previous else 1.0
-        eq = np.asarray(previous["eq"], dtype=np.float64) if "eq" in previous else None
-        return warp, eq
+    def _weights(self, previous: Conditioning) -> np.ndarray:
+        return np.array([float(previous.meta["weights"].get(n, 0.0)) for n in self.names])
+
+    def _previous_point(self, previous: Conditioning) -> _Point:
+        """The quick (or earlier) voice as a starting point, with the similarity it recorded."""
+        v = self.engine.voicing(previous)
+        eq = None if v.eq is None else np.asarray(v.eq, dtype=np.float64)
+        return _Point(np.asarray(previous["style"], dtype=np.float64), v.warp, eq,
+                      float(previous.meta.get("similarity", -1.0)), v.pitch)
 
     def _search_warp(self, t: np.ndarray, start: _Point, ref_bands: np.ndarray | None, state: _Budget) -> _Point:
         """The quick voice at each warp of WARP_GRID (relative to its own); the best, penalised."""
@@ -438,25 +482,25 @@ class StyleFitter:
         lo, hi = post.WARP_RANGE
         for factor in WARP_GRID:
             warp = float(np.clip(start.warp * factor, lo, hi))
-            out = state.run(lambda warp=warp: self._evaluate(start.pack, warp, ref_bands))
+            out = state.run(lambda warp=warp: self._evaluate(start.pack, warp, ref_bands, start.pitch))
             if out is None:
                 break
             sim = float(out[0] @ t)
             if sim - _warp_penalty(warp) > best_fit:
-                best, best_fit = _Point(start.pack, warp, out[1], sim), sim - _warp_penalty(warp)
+                best, best_fit = _Point(start.pack, warp, out[1], sim, start.pitch), sim - _warp_penalty(warp)
         return best
 
     def _refine_jacobian(self, t: np.ndarray, previous: Conditioning, start: _Point, ref_bands: np.ndarray | None,
                          state: _Budget) -> tuple[_Point, np.ndarray, np.ndarray]:
-        base, warp = start.pack, start.warp
-        w = np.array([float(previous.meta["weights"].get(n, 0.0)) for n in self.names])
+        base, warp, pitch = start.pack, start.warp, start.pitch
+        w = self._weights(previous)
         basis = self._jacobian_basis(base) if VOICE_DIRECTIONS else self._basis
         n = len(basis)
         d = np.zeros(n)
         best, best_d = start, d.copy()
 
         def evaluate(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
-            return state.run(lambda: self._evaluate(base + (offsets @ basis)[None], warp, ref_bands))
+            return state.run(lambda: self._evaluate(base + (offsets @ basis)[None], warp, ref_bands, pitch))
 
         first = evaluate(d)  # the start's embedding (its score came from other calls)
         if first is None:
@@ -488,7 +532,7 @@ class StyleFitter:
                 d, e0 = d + step, e1
                 radius = min(radius * 1.5, MAX_DRIFT)
                 if float(e1 @ t) > best.sim:
-                    best, best_d = _Point(base + (d @ basis)[None], warp, out[1], float(e1 @ t)), d.copy()
+                    best, best_d = _Point(base + (d @ basis)[None], warp, out[1], float(e1 @ t), pitch), d.copy()
             else:
                 radius *= 0.5
                 if radius < 0.2:  # the model is stale: re-estimate it at the current point
@@ -518,7 +562,7 @@ class StyleFitter:
     def _refine_cmaes(self, t: np.ndarray, previous: Conditioning, start: _Point, ref_bands: np.ndarray | None,
                       state: _Budget) -> tuple[_Point, np.ndarray, np.ndarray]:
         v = len(self.names)
-        w0 = np.array([float(previous.meta["weights"].get(n, 0.0)) for n in self.names])
+        w0 = self._weights(previous)
         logits0 = np.log(np.maximum(w0, 1e-3))
         x0 = np.concatenate([logits0 - logits0.max(), np.zeros(len(self._basis))])
         seed = int.from_bytes(hashlib.sha256(np.asarray(t, np.float32).tobytes()).digest()[:8], "little")
@@ -529,13 +573,13 @@ class StyleFitter:
             losses = np.empty(len(xs))
             for i, x in enumerate(xs):
                 pack, penalty = self._decode(x)
-                out = state.run(lambda pack=pack: self._evaluate(pack, start.warp, ref_bands))
+                out = state.run(lambda pack=pack: self._evaluate(pack, start.warp, ref_bands, start.pitch))
                 if out is None:
                     break
                 sim = float(out[0] @ t)
                 losses[i] = penalty - sim
                 if sim - penalty > best_fit:
-                    best, best_x, best_fit = _Point(pack, start.warp, out[1], sim), x, sim - penalty
+                    best, best_x, best_fit = _Point(pack, start.warp, out[1], sim, start.pitch), x, sim - penalty
             else:
                 es.tell(xs, losses)
                 continue
@@ -547,16 +591,20 @@ class StyleFitter:
 
 
 class _Point:
-    """A candidate voice: style pack, warp, matched EQ (or None) and its similarity."""
+    """A candidate voice: style pack, warp, matched EQ (or None), its similarity, pitch."""
 
-    __slots__ = ("pack", "warp", "eq", "sim")
+    __slots__ = ("pack", "warp", "eq", "sim", "pitch")
 
-    def __init__(self, pack: np.ndarray, warp: float, eq: np.ndarray | None, sim: float) -> None:
-        self.pack, self.warp, self.eq, self.sim = pack, warp, eq, sim
+    def __init__(self, pack: np.ndarray, warp: float, eq: np.ndarray | None, sim: float, pitch: float = 1.0) -> None:
+        self.pack, self.warp, self.eq, self.sim, self.pitch = pack, warp, eq, sim, pitch
 
 
 def _warp_penalty(warp: float) -> float:
     return WARP_PENALTY * float(np.log(warp)) ** 2
+
+
+def _pitch_penalty(pitch: float) -> float:
+    return PITCH_PENALTY * float(np.log(pitch)) ** 2
 
 
 class _Budget:

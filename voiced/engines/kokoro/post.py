@@ -1,6 +1,9 @@
 """Per-voice signal processing after the model: a pitch/formant warp and a spectral-envelope EQ.
 
-A fitted voice carries two small arrays beside its style pack:
+A fitted voice carries up to three small arrays beside its style pack (together, a ``Voicing``):
+
+* ``pitch`` (shape (1,)): a factor on the F0 curve inside the model (graph.py), so the pitch
+  moves without the formants.
 
 * ``warp`` (shape (1,)): a factor that scales pitch and formants together (a vocal-tract-length
   change). The model speaks at ``speed / warp`` and the audio is resampled by ``warp``, so the
@@ -15,6 +18,8 @@ Both are deterministic and cheap (one resample and one FFT convolution per sente
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 SAMPLE_RATE = 24_000
@@ -28,8 +33,17 @@ MAX_GAIN_DB = 12.0
 MIN_GAIN_DB = -12.0
 LIMIT_DB = 60.0  # what a conditioning may hold at all
 WARP_RANGE = (0.8, 1.25)
+PITCH_RANGE = (0.7, 1.4)  # of the model's F0 curve; beyond it the harmonic source sounds strained
 FIR_TAPS = 1024
 _ACTIVE_PERCENTILE = 40  # frames quieter than this percentile (pauses, breaths) are left out
+
+
+class Voicing(NamedTuple):
+    """What a voice sets beside its style pack; the defaults change nothing."""
+
+    warp: float = 1.0  # pitch and formants together, by resampling after the model
+    pitch: float = 1.0  # the model's F0 curve alone
+    eq: np.ndarray | None = None  # band gains in dB, after the model
 
 
 def band_powers(audio: np.ndarray, sr: int) -> np.ndarray:
@@ -96,5 +110,5 @@ def finish(audio: np.ndarray, warp: float, gains_db: np.ndarray | None) -> np.nd
     return np.nan_to_num(np.clip(out, -1.0, 1.0), nan=0.0)
 
 
-__all__ = ["BAND_CENTRES", "LIMIT_DB", "MAX_GAIN_DB", "MIN_GAIN_DB", "N_BANDS", "WARP_RANGE", "apply_eq", "apply_warp", "band_powers",
+__all__ = ["BAND_CENTRES", "LIMIT_DB", "MAX_GAIN_DB", "MIN_GAIN_DB", "N_BANDS", "PITCH_RANGE", "WARP_RANGE", "Voicing", "apply_eq", "apply_warp", "band_powers",
            "eq_filter", "finish", "match_gains"]

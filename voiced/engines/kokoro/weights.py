@@ -60,7 +60,7 @@ def locate() -> KokoroFiles:
     return KokoroFiles(parts, digest, data / "vocab.json", data / "voices_ja.npz")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
@@ -82,7 +82,7 @@ def assemble_model(cache_dir: str | os.PathLike[str], files: KokoroFiles | None 
     out = cache / f"kokoro-v1.0.int8-{files.sha256[:16]}.onnx"
     expected_size = sum(p.stat().st_size for p in files.parts)
     if out.is_file() and out.stat().st_size == expected_size:
-        if _sha256(out) == files.sha256:
+        if sha256_file(out) == files.sha256:
             return out
         log.warning("cached Kokoro model %s is corrupt; rebuilding it", out)
     log.info("joining %d Kokoro model parts into %s", len(files.parts), out)
@@ -113,7 +113,7 @@ def assemble_model(cache_dir: str | os.PathLike[str], files: KokoroFiles | None 
 def verify_model(path: Path, files: KokoroFiles | None = None) -> None:
     """Full sha256 check of an assembled model (slow-ish: ~0.2 s for 92 MB)."""
     files = files or locate()
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != files.sha256:
         raise EngineError(f"Kokoro model at {path} is corrupt (sha256 mismatch); delete it to rebuild")
 
