@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import numpy as np
 import soundfile as sf
 
 from voiced.hookspecs import hookimpl
-from voiced.fsutil import fsync_dir
+from voiced.fsutil import atomic_write, fsync_dir
 from voiced.plugins import PluginSettings
 
 log = logging.getLogger(__name__)
@@ -58,23 +57,6 @@ class Settings(PluginSettings):
     def __post_init__(self) -> None:
         if self.max_mb < 0:
             raise ValueError(f"max_mb: must not be negative, got {self.max_mb}")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _safe(name: str) -> str:
@@ -136,8 +118,8 @@ class Archive:
             "timings": timings,
         }
         meta_bytes = (json.dumps(meta, ensure_ascii=False, indent=1, default=str) + "\n").encode()
-        atomic_write(self.dir / f"{stem}.wav", wav_bytes)
-        atomic_write(self.dir / f"{stem}.json", meta_bytes)
+        atomic_write(self.dir / f"{stem}.wav", wav_bytes, tmp_prefix=_TMP_PREFIX)
+        atomic_write(self.dir / f"{stem}.json", meta_bytes, tmp_prefix=_TMP_PREFIX)
         fsync_dir(self.dir)
         with self._lock:
             self._sizes[stem] = len(wav_bytes) + len(meta_bytes)

@@ -16,14 +16,12 @@ without pitch control.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from voiced.engines.base import EngineError
-from voiced.fsutil import fsync_dir
+from voiced.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +79,10 @@ def edit(src: Path, dst: Path) -> bool:
     graph.node.insert(producer + 1, helper.make_node("Mul", [F0_TENSOR, PITCH_INPUT], [scaled], name="voiced_pitch"))
     graph.input.append(helper.make_tensor_value_info(PITCH_INPUT, TensorProto.FLOAT, [1]))
     data = model.SerializeToString()
-    _write_atomic(dst, data)
-    _write_atomic(dst.with_name(dst.name + ".sha256"), hashlib.sha256(data).hexdigest().encode("ascii"))
+    atomic_write(dst, data)
+    atomic_write(dst.with_name(dst.name + ".sha256"), hashlib.sha256(data).hexdigest().encode("ascii"))
+    fsync_dir(dst.parent)
     return True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:
