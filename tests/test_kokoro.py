@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 
+from voiced.cache import sha256_file
 from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
 from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, text, weights
 from voiced.engines.kokoro.engine import split_phonemes
@@ -55,7 +56,7 @@ def test_pitch_input_is_added_once_and_rebuilt_when_damaged(engine):
     assert engine.pitch_control
     (edited,) = engine.cache_dir.glob(f"*-{graph.EDIT_VERSION}.onnx")
     digest = edited.with_name(edited.name + ".sha256")
-    assert digest.read_text().strip() == weights.sha256_file(edited)
+    assert digest.read_text().strip() == sha256_file(edited)
     source = edited.with_name(edited.name.replace(f"-{graph.EDIT_VERSION}", ""))
     assert graph.pitched_model(source) == edited  # cached: same file, not rebuilt
     with open(edited, "r+b") as f:  # a flipped byte no longer matches the digest
@@ -64,7 +65,7 @@ def test_pitch_input_is_added_once_and_rebuilt_when_damaged(engine):
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
     assert graph.pitched_model(source) == edited
-    assert digest.read_text().strip() == weights.sha256_file(edited)
+    assert digest.read_text().strip() == sha256_file(edited)
     assert not list(engine.cache_dir.glob(".*.tmp"))
 
 

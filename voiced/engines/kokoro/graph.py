@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from voiced.cache import sha256_file
 from voiced.engines.base import EngineError
 from voiced.fsutil import atomic_write, fsync_dir
 
@@ -37,8 +38,6 @@ def pitched_model(path: Path) -> Path | None:
     The edited file is trusted only while it matches the digest written after it, so a crash
     mid-write or a damaged file means a rebuild, never a broken session.
     """
-    from voiced.engines.kokoro.weights import sha256_file
-
     out = path.with_name(f"{path.stem}-{EDIT_VERSION}.onnx")
     digest = out.with_name(out.name + ".sha256")
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from voiced.cache import sha256_file
 from voiced.engines.base import EngineError
 from voiced.fsutil import fsync_dir
 
@@ -58,14 +59,6 @@ def locate() -> KokoroFiles:
             raise EngineError(f"Kokoro weights are incomplete, {path} is missing: reinstall {DATA_PACKAGE}")
     digest = (data / "model.sha256").read_text(encoding="ascii").split()[0].strip().lower()
     return KokoroFiles(parts, digest, data / "vocab.json", data / "voices_ja.npz")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def assemble_model(cache_dir: str | os.PathLike[str], files: KokoroFiles | None = None) -> Path:
