@@ -106,7 +106,8 @@ def main() -> int:
     ap.add_argument("--no-fit", action="store_true")
     ap.add_argument("--speakers", default="allison_a.wav,carlo_a.wav,june_a.wav")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING); logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)  # each fit's evaluations, warp, pitch
 
     import psutil
 
@@ -198,11 +199,13 @@ def main() -> int:
         emb_b = engine.encoder.embed(sf.read(others[0], dtype="float32")[0]) if others else None
         cross: dict[str, float] = {}
         whole: dict[str, float] = {}
+        lengths: dict[str, list[int]] = {}
 
         def sim_of(cond, label: str | None = None) -> float:
             audio = [engine.synthesize_all(text, cond) for text in SIM_TEXTS]
             outs = [fitter.embed_audio(a) for a in audio]
             if label is not None:
+                lengths[label] = [len(a) for a in audio]
                 whole[label] = cosine(fitter.embed_audio(np.concatenate(audio)), emb)
                 if emb_b is not None:
                     cross[label] = float(np.mean([cosine(o, emb_b) for o in outs]))
@@ -232,7 +235,7 @@ def main() -> int:
                   f"refined {cross['refined']:.3f}; EQ tuning {refined.meta.get('eq_tuning')}")
             # the scale for real speech: the other recording, in pieces as long as the sentences
             wav_b = sf.read(others[0], dtype="float32")[0]
-            n = int(np.mean([len(engine.synthesize_all(t, refined)) for t in SIM_TEXTS[:1]]) / 24_000 * 16_000)
+            n = int(lengths["refined"][0] / engine.sample_rate * 16_000)
             pieces = [wav_b[i:i + n] for i in range(0, len(wav_b) - n + 1, n)]
             print(f"{name}: real speech for scale, {others[0].name} vs the reference: in {len(pieces)} pieces of "
                   f"{n / 16_000:.1f} s {np.mean([cosine(engine.encoder.embed(p), emb) for p in pieces]):.3f}, "

@@ -432,9 +432,6 @@ class StyleFitter:
                 audio.append(self.engine.render(tokens, best.pack.astype(np.float32), 1.0, Voicing(best.warp, pitch)))
             return audio
 
-        def matched_gains(audio: list[np.ndarray]) -> np.ndarray:
-            return post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
-
         pitch_texts = [*self.tokens, *self.tuning_tokens[:PITCH_TUNING_TEXTS]]
         pitches = [best.pitch]
         if self.engine.pitch_control:
@@ -444,18 +441,17 @@ class StyleFitter:
             audio = speak(pitch_texts, pitch)
             if audio is None:
                 break
-            gains = matched_gains(audio)
-            score = float(np.mean([self.embed_audio(post.apply_eq(a, gains)) for a in audio], axis=0) @ t)
-            tried.append((score - _pitch_penalty(pitch), pitch, audio))
+            emb, _ = self._embed_matched(audio, ref_bands)
+            tried.append((float(emb @ t) - _pitch_penalty(pitch), pitch, audio))
         _, pitch, first = max(tried, key=lambda x: x[0], default=(0.0, best.pitch, []))
         rest = speak(self.tuning_tokens[PITCH_TUNING_TEXTS:], pitch) if first else None
         if rest is None:
             return best, {"kept": False, "reason": "no time"}
         audio = first + rest
         info: dict[str, Any] = {"pitches": {str(round(p, 3)): round(sc, 4) for sc, p, _ in tried}}
+        matched = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
         try:
-            gains, before, after, steps = self.tuner().tune(audio, matched_gains(audio), t, deadline=deadline,
-                                                            should_stop=should_stop)
+            gains, before, after, steps = self.tuner().tune(audio, matched, t, deadline=deadline, should_stop=should_stop)
         except Exception as exc:  # noqa: BLE001 - it leans on the encoder's internals; the search's voice stands
             log.warning("EQ tuning failed, keeping the matched EQ: %s", exc)
             return best, {**info, "kept": False, "reason": "failed"}
