@@ -19,6 +19,7 @@ import resource
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -247,24 +248,37 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def fill(folder: Path) -> Path:
-    """Write until the filesystem has no byte left."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as fh:
-        block = b"\0" * (1 << 20)
-        while True:
-            try:
-                fh.write(block)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-                break
-        for size in (65536, 4096, 512, 1):
+class KeptFull:
+    """Fills a filesystem to the last byte and keeps it full until ``stop()``.
+
+    The daemon's own housekeeping (SQLite closing its write-ahead log, say) can free a few
+    pages at any moment; taking them back at once keeps the test about a full disk.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.filler = folder / "filler"
+        self._fh = open(self.filler, "wb", buffering=0)
+        self._stop = threading.Event()
+        self._top_up((1 << 20, 65536, 4096, 512, 1))
+        self._thread = threading.Thread(target=self._keep, daemon=True)
+        self._thread.start()
+
+    def _top_up(self, sizes: tuple[int, ...]) -> None:
+        for size in sizes:
             try:
                 while True:
-                    fh.write(b"\0" * size)
-            except OSError:
-                pass
-    return filler
+                    self._fh.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+
+    def _keep(self) -> None:
+        while not self._stop.wait(0.02):
+            self._top_up((4096, 512, 1))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._fh.close()
 
 
 def test_cache_full_then_room_again(small_fs: Path, tmp_path: Path, clip_maker: Any, report: Any) -> None:
@@ -273,22 +287,26 @@ def test_cache_full_then_room_again(small_fs: Path, tmp_path: Path, clip_maker: 
         "engine": {"refine_budget_s": 0.0},
     }).start()
     rng = np.random.default_rng(7)
+    full: KeptFull | None = None
     try:
-        filler = fill(small_fs)
+        full = KeptFull(small_fs)
         for name in ("full-1", "full-2"):
             clip_maker.write(daemon.voices / f"{name}.wav", rng)
         for name in ("full-1", "full-2"):
             ready = daemon.wait_ready(name)
-            assert "not cached" in (ready.get("note") or ""), ready
+            assert "not cached" in (ready.get("note") or ""), (ready, daemon.log_tail(8000))
         with daemon.client() as client:
             assert len(client.synthesize("Served from memory.", voice="full-1", format="wav").audio) > 1000
             assert client.ping()
         assert "No space left" in daemon.log_tail(50000)
-        filler.unlink()
+        full.stop()
+        full.filler.unlink()
         for name in ("full-1", "full-2"):  # stored once there is room, no restart needed
             daemon.wait_voice(name, lambda v: v is not None and "not cached" not in (v.get("note") or ""), 30)
         time.sleep(3.0)  # several garbage collections, well past rename_grace_s: nothing may go
     finally:
+        if full is not None:
+            full.stop()
         assert daemon.stop() == 0, daemon.log_tail()
     assert_all_stored(daemon, small_fs / "cache")
     faults_row(report, "cache filesystem full, then room again", True)
