@@ -20,6 +20,7 @@ from voiced.encoder import (
     WeightsNotFoundError,
     cosine,
     locate_weights,
+    long_silence_mask,
     mel_filterbank,
     partial_starts,
     preprocess_wav,
@@ -187,6 +188,9 @@ def test_trim_long_silences_removes_long_gap(raw_wavs: dict[str, np.ndarray]) ->
     trimmed = trim_long_silences(np.concatenate([speech, gap, speech]))
     assert len(trimmed) % 480 == 0
     assert len(trimmed) < 2 * len(speech) + 0.5 * 16000  # at most ~2 x 3 windows of the gap kept
+    mask = long_silence_mask(np.concatenate([speech, gap, speech]))
+    assert mask.dtype == bool and mask.sum() == len(trimmed)
+    assert mask[: len(speech) - 16000].all() and not mask[len(speech) + 8000 : len(speech) + 24000].any()
 
 
 def test_silence_raises_no_speech(speaker_encoder: SpeakerEncoder) -> None:

@@ -217,11 +217,11 @@ def _vad_flags(pcm: np.ndarray) -> np.ndarray:
     )
 
 
-def trim_long_silences(wav: np.ndarray) -> np.ndarray:
-    """Drop silences longer than VAD_MAX_SILENCE windows (audio is cut to whole 30 ms windows)."""
+def long_silence_mask(wav: np.ndarray) -> np.ndarray:
+    """Per-sample keep flags for ``wav`` cut to whole 30 ms windows: False inside long silences."""
     wav = wav[: len(wav) - len(wav) % VAD_WINDOW]
     if len(wav) == 0:
-        return wav
+        return np.zeros(0, dtype=bool)
     # The reference casts without clipping (int16 wrap-around); clipping is the sane reading
     # and identical for in-range audio.
     pcm = np.clip(np.round(wav * _INT16_MAX), -32768, 32767).astype(np.int16)
@@ -236,7 +236,13 @@ def trim_long_silences(wav: np.ndarray) -> np.ndarray:
     # Binary dilation with a centred structuring element of VAD_MAX_SILENCE + 1 ones.
     kernel = np.ones(VAD_MAX_SILENCE + 1, np.int64)
     mask = np.convolve(voiced.astype(np.int64), kernel, mode="same") > 0
-    return wav[np.repeat(mask, VAD_WINDOW)]
+    return np.repeat(mask, VAD_WINDOW)
+
+
+def trim_long_silences(wav: np.ndarray) -> np.ndarray:
+    """Drop silences longer than VAD_MAX_SILENCE windows (audio is cut to whole 30 ms windows)."""
+    mask = long_silence_mask(wav)
+    return wav[: len(mask)][mask]
 
 
 def preprocess_wav(wav: np.ndarray) -> np.ndarray:

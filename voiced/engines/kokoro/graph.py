@@ -16,6 +16,7 @@ without pitch control.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ PITCH_INPUT = "pitch"
 F0_TENSOR = "/encoder/F0_proj/Conv_output_0"
 EDIT_VERSION = "pitch1"  # part of the edited file's name: bump when the edit changes
 _NOTHING_TO_EDIT = 3  # the child's exit status when the graph has no F0 tensor
+_SPARE_BYTES = 16 << 20  # beyond the model's own size, before the edit is tried
 
 
 def pitched_model(path: Path) -> Path | None:
@@ -45,6 +47,13 @@ def pitched_model(path: Path) -> Path | None:
             return out
     except OSError:
         pass
+    # A full cache disk would fail the edit only after the child has parsed the whole model,
+    # at every start: say so at once instead.
+    need = path.stat().st_size + _SPARE_BYTES
+    free = shutil.disk_usage(out.parent).free + (out.stat().st_size if out.is_file() else 0)
+    if free < need:
+        raise EngineError(f"not enough free space for the pitch-edited model in {out.parent}: "
+                          f"{free >> 20} MiB free, {need >> 20} MiB needed")
     log.info("adding a pitch input to the Kokoro model: %s", out)
     proc = subprocess.run([sys.executable, "-m", __name__, str(path), str(out)], capture_output=True, text=True,
                           timeout=600, check=False)
