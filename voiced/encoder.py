@@ -188,6 +188,21 @@ def partial_starts(n_samples: int, rate: float = PARTIAL_RATE, min_coverage: flo
     return starts
 
 
+
+def mel_partials(frontend: MelFrontEnd, wav: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """(n, PARTIAL_FRAMES, n_mels) mel windows of ``wav`` at ``starts`` (from partial_starts).
+
+    A view of one spectrogram (unfold), no per-partial copies. The waveform is zero-padded so
+    the last window is full; the reference pads the waveform, not the mel, which matters because
+    centred STFT frames near the end see the padding.
+    """
+    needed = (starts[-1] + PARTIAL_FRAMES) * HOP
+    if needed >= len(wav):
+        wav = torch.nn.functional.pad(wav, (0, needed - len(wav)))
+    mel = frontend(wav)  # (frames, n_mels)
+    step = starts[1] - starts[0] if len(starts) > 1 else 1
+    return mel.unfold(0, PARTIAL_FRAMES, step)[: len(starts)].transpose(1, 2)
+
 # --------------------------------------------------------------------------- preprocessing
 
 
@@ -418,17 +433,7 @@ class SpeakerEncoder:
         return self.embed(audio.samples, preprocess=preprocess)
 
     def _embed_tensor(self, wav: torch.Tensor) -> np.ndarray:
-        starts = partial_starts(len(wav))
-        # Zero-pad so the last window is full; the reference pads the waveform (not the mel),
-        # which matters because centred STFT frames near the end see the padding.
-        needed = (starts[-1] + PARTIAL_FRAMES) * HOP
-        wav = wav.to(self._device)
-        if needed >= len(wav):
-            wav = torch.nn.functional.pad(wav, (0, needed - len(wav)))
-        mel = self._frontend(wav)  # (frames, n_mels)
-        step = starts[1] - starts[0] if len(starts) > 1 else 1
-        # unfold -> (n, n_mels, PARTIAL_FRAMES) view; no per-partial copies in Python.
-        partials = mel.unfold(0, PARTIAL_FRAMES, step)[: len(starts)].transpose(1, 2).contiguous()
+        partials = mel_partials(self._frontend, wav.to(self._device), partial_starts(len(wav))).contiguous()
         embeds = self._model(partials)
         raw = embeds.mean(dim=0)
         return (raw / raw.norm()).cpu().numpy().astype(np.float32, copy=False)

@@ -68,8 +68,7 @@ class EqTuner:
 
         self._torch = torch
         self._ge2e = ge2e
-        self._window = encoder._frontend.window.detach().to("cpu", torch.float32)
-        self._filters = encoder._frontend.filters.detach().to("cpu", torch.float32)
+        self._frontend = ge2e.MelFrontEnd(torch.device("cpu"))
         model = copy.deepcopy(encoder._model).to("cpu").float().eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -122,15 +121,7 @@ class EqTuner:
         # normalize_volume: raise (never lower) the RMS to the encoder's target level
         rms = y.square().mean().sqrt().clamp_min(1e-9)
         y = y * torch.clamp(10 ** (ge2e.TARGET_DBFS / 20) / rms, min=1.0)
-        y = y[sentence.keep]
-        needed = (sentence.starts[-1] + ge2e.PARTIAL_FRAMES) * ge2e.HOP
-        y = torch.nn.functional.pad(y, (0, max(0, needed - len(y))))
-        spec = torch.stft(y, n_fft=ge2e.N_FFT, hop_length=ge2e.HOP, window=self._window, center=True,
-                          pad_mode="constant", return_complex=True)
-        mel = (self._filters @ torch.view_as_real(spec).square().sum(-1)).T
-        starts = sentence.starts
-        step = starts[1] - starts[0] if len(starts) > 1 else 1
-        return mel.unfold(0, ge2e.PARTIAL_FRAMES, step)[: len(starts)].transpose(1, 2)
+        return ge2e.mel_partials(self._frontend, y[sentence.keep], sentence.starts)
 
     def cosine(self, sentences: Sequence[_Sentence], gains_db: Any, target: Any) -> Any:
         """Mean over ``sentences`` of the cosine of each one's embedding (with the EQ) to ``target``."""
