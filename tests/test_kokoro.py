@@ -117,6 +117,15 @@ def test_voices_and_vocab():
         ("Meet at 3:30 pm, Mr. Jones.", "Meet at three thirty P M, Mister Jones."),
         ("I have 1,234 cats and 50% of 21st.", "I have one thousand two hundred thirty-four cats and fifty percent of twenty-first."),
         ("Born in 1984 & 2005.", "Born in nineteen eighty-four and two thousand five."),
+        ("It is -5°C, or 23 °F.", "It is minus five degrees Celsius, or twenty-three degrees Fahrenheit."),
+        ("Dr. Smith lives on Main St. near the U.S. border.", "Doctor Smith lives on Main Street near the U.S. border."),
+        ("Mr Jones drove to St. Paul.", "Mister Jones drove to Saint Paul."),
+        ("In the 1990s and the '80s.", "In the nineteen nineties and the eighties."),
+        ("Add 1 1/2 cups and 3/4 of it, 24/7.", "Add one and a half cups and three quarters of it, twenty-four seven."),
+        ("Version 2.0.1 is 2x faster, 3:1.", "Version two dot zero dot one is two times faster, three to one."),
+        ("It weighs 5kg, 1 ft at 60 mph on 5G, 2 GB.",
+         "It weighs five kilograms, one foot at sixty miles per hour on 5G, two gigabytes."),
+        ("See https://example.com/docs.", "See example.com slash docs."),
     ],
 )
 def test_english_normalisation(raw, expected):
@@ -129,6 +138,8 @@ def test_clean_strips_controls_emoji_and_unifies_quotes():
 
 def test_sentence_split_and_newlines():
     assert text.split_sentences("One. Two!\nThree\n\nFour?") == ["One.", "Two!", "Three.", "Four?"]
+    # an abbreviation's full stop before a lower-case word does not end the sentence
+    assert text.split_sentences("Ask approx. five. Then go… now. Yes") == ["Ask approx. five.", "Then go… now.", "Yes."]
 
 
 @pytest.mark.parametrize("bad", ["", "   \n\t", "?!...", "\x00\x01\x02", "😀🎉", "— … ()"])

@@ -96,12 +96,13 @@ def clean(text: str) -> str:
     kept: list[str] = []
     for ch in text:
         cat = unicodedata.category(ch)
-        if ch == "\n" or (cat[0] != "C" and cat not in ("So", "Sk", "Mn") or ch in "\u0303"):
+        if ch == "\n" or ch == "°" or (cat[0] != "C" and cat not in ("So", "Sk", "Mn") or ch in "\u0303"):
             kept.append(ch)
         elif cat == "Mn":  # keep accents on letters (NFKC composed most), drop stray combining marks
             if kept and kept[-1].isalpha():
                 kept.append(ch)
-        # Cc/Cf/Co/Cs/Cn (controls, zero-width joiners, private use) and So (emoji, symbols) go.
+        # Cc/Cf/Co/Cs/Cn (controls, zero-width joiners, private use) and So (emoji, symbols) go;
+        # the degree sign (So too) stays: "-5°C" is read, espeak reads it in other languages.
     text = "".join(kept)
     text = re.sub(r"\.{3,}", "…", text)
     text = re.sub(r"\s+-{1,2}\s+|--", " — ", text)
@@ -189,9 +190,79 @@ def _number(m: re.Match[str]) -> str:
     return number_to_words(n)
 
 
+def _street_or_title(m: re.Match[str]) -> str:
+    """"St."/"Dr." after a name and not before one is a street ("Main St. near"), else a title."""
+    before, abbr, after = m.group(1) or "", m.group(2), m.group(3) or ""
+    street = bool(before) and before[0].isupper() and not (after and after[0].isupper())
+    word = {"st": ("Saint", "Street"), "dr": ("Doctor", "Drive")}[abbr.lower()][street]
+    return f"{before} {word}" if before else word
+
+
+def _plural(words: str) -> str:
+    """'nineteen ninety' -> 'nineteen nineties', 'two thousand' -> 'two thousands'."""
+    return words[:-1] + "ies" if words.endswith("y") else words + "s"
+
+
+def _decade(m: re.Match[str]) -> str:
+    digits = m.group(1)
+    return _plural(year_words(int(digits)) if len(digits) == 4 else number_to_words(int(digits)))
+
+
+_FRACTIONS = {2: ("half", "halves"), 4: ("quarter", "quarters")}
+
+
+def _fraction(m: re.Match[str]) -> str:
+    num, den = int(m.group(1)), int(m.group(2))
+    if (num, den) == (24, 7):
+        return "twenty-four seven"
+    if not (2 <= den <= 16 and 0 < num < den):  # not a plain fraction: a ratio, a code, a path
+        return m.group(0)
+    one, many = _FRACTIONS.get(den, (ordinal_words(den), ordinal_words(den) + "s"))
+    return f"{number_to_words(num)} {one if num == 1 else many}"
+
+
+def _mixed_fraction(m: re.Match[str]) -> str:
+    """'1 1/2' -> '1 and one half'; left alone unless the second part is a plain fraction."""
+    frac = re.fullmatch(r"(\d+)/(\d+)", m.group(2))
+    spoken = _fraction(frac) if frac else m.group(2)
+    if spoken == m.group(2):
+        return m.group(0)
+    return f"{m.group(1)} and {'a' + spoken[3:] if spoken.startswith('one ') else spoken}"
+
+
+# Case matters: "5G" is a network and "5 Mb" megabits, not grams and megabytes.
+_UNITS = {
+    "km": "kilometre", "cm": "centimetre", "mm": "millimetre", "kg": "kilogram", "mg": "milligram",
+    "g": "gram", "lb": "pound", "lbs": "pound", "oz": "ounce", "ml": "millilitre", "mL": "millilitre",
+    "ft": "foot", "mph": "mile per hour", "km/h": "kilometre per hour", "kph": "kilometre per hour",
+    "kB": "kilobyte", "KB": "kilobyte", "MB": "megabyte", "GB": "gigabyte", "TB": "terabyte",
+    "Hz": "hertz", "kHz": "kilohertz", "MHz": "megahertz", "GHz": "gigahertz",
+    "kW": "kilowatt", "kWh": "kilowatt hour", "ms": "millisecond",
+}
+_UNIT_RE = re.compile(r"(\d(?:[\d,]*\d)?(?:\.\d+)?)\s?(" + "|".join(sorted(map(re.escape, _UNITS), key=len, reverse=True)) + r")(?![\w/])")
+
+
+def _unit(m: re.Match[str]) -> str:
+    amount, unit = m.group(1), _UNITS[m.group(2)]
+    if amount != "1":
+        head, _, rest = unit.partition(" ")  # "mile per hour" -> "miles per hour"
+        head = "feet" if head == "foot" else head if head.endswith("hertz") else head + "s"
+        unit = f"{head} {rest}" if rest else head
+    return f"{amount} {unit}"
+
+
+def _degrees(m: re.Match[str]) -> str:
+    scale = {"c": " Celsius", "f": " Fahrenheit"}.get((m.group(2) or "").lower(), "")
+    return f"{m.group(1)} {'degree' if m.group(1) == '1' else 'degrees'}{scale}"
+
+
 def normalize_english(text: str) -> str:
-    """Spell out what espeak reads badly or literally: money, dates, times, numbers, abbreviations."""
+    """Spell out what espeak reads badly or literally: money, dates, times, numbers, units, fractions,
+    temperatures, decades, versions, ratios, abbreviations (street or title by context), web addresses."""
+    text = re.sub(r"\bhttps?://", "", text)  # nobody reads the scheme of a web address aloud
+    text = re.sub(r"(?:\b([A-Z][a-z]+) )?\b(St|Dr)\.(?=\s+(\w)|\s*$|,)", _street_or_title, text)
     text = _ABBR_RE.sub(lambda m: _ABBREVIATIONS[m.group(1).lower()], text)
+    text = re.sub(r"\b(Mr|Mrs|Ms|Dr)(?= [A-Z])", lambda m: _ABBREVIATIONS[m.group(1).lower()], text)  # "Mr Smith"
     text = re.sub(r"\bNo\.(?=\s*\d)", "number", text)
     text = re.sub(r"\b(e\.g|i\.e)\.", lambda m: "for example" if m.group(1) == "e.g" else "that is", text)
     text = re.sub(r"\b(\d{4})-(\d{2})-(\d{2})\b", _iso_date, text)
@@ -199,6 +270,14 @@ def normalize_english(text: str) -> str:
     months = "|".join(_MONTHS)
     text = re.sub(rf"\b({months}) (\d{{1,2}})(?:st|nd|rd|th)?\b(?!:)", lambda m: f"{m.group(1)} {ordinal_words(int(m.group(2)))}", text)
     text = re.sub(r"\b(\d{1,2}):(\d{2})\s*([AaPp]\.?[Mm]\.?)?(?=\W|$)", _time, text)
+    text = re.sub(r"\b(\d+):(\d+)\b", r"\1 to \2", text)  # what is left is a ratio or a score: 3:1
+    text = re.sub(r"\b(\d+(?:\.\d+)?)\s?°\s?([CcFf](?![a-z]))?", _degrees, text)
+    text = _UNIT_RE.sub(_unit, text)
+    text = re.sub(r"\b(\d+) (\d+/\d+)\b", _mixed_fraction, text)
+    text = re.sub(r"\b(\d+)/(\d+)\b", _fraction, text)
+    text = re.sub(r"(?:\b|')(1[1-9]\d0|20\d0|[1-9]0)'?s\b", _decade, text)
+    text = re.sub(r"\b\d+(?:\.\d+){2,}\b", lambda m: " dot ".join(m.group(0).split(".")), text)  # versions, addresses
+    text = re.sub(r"\b(\d+(?:\.\d+)?)x\b", r"\1 times", text)
     text = re.sub(rf"([$£€¥])\s?({_NUM})(?:\.(\d+))?(?:\s?({_SCALE_WORDS})\b)?", _money, text)
     text = re.sub(rf"({_NUM})(?:\.(\d+))?\s?%", lambda m: _decimal_words(m.group(1).replace(",", "") + (f".{m.group(2)}" if m.group(2) else "")) + " percent", text)
     text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), text)
@@ -212,7 +291,9 @@ def normalize_english(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Sentences
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[”)'\]]*\s+")
+# A sentence ends at . ! ? or … (and any closing quotes or brackets) unless the next word starts in
+# lower case: "the U.S. border", "approx. five", "wait… what".
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[”)'\]]*\s+(?![a-z])")
 
 
 def split_sentences(text: str) -> list[str]:
