@@ -400,9 +400,12 @@ class StyleFitter:
         meta: dict[str, Any] = {k: previous.meta[k] for k in ("reference_bands_db",) if k in previous.meta}
         if tune:
             best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, t0 + budget, should_stop)
-        log.info("kokoro refine (%s): %d evals in %.1fs, similarity %.3f -> %.3f (warp %.3f, pitch %.3f)", method,
-                 state.evals, time.perf_counter() - t0, previous.meta.get("similarity", float("nan")), best.sim, best.warp,
-                 best.pitch)
+        # a fit cut short to make way for requests is thrown away and run again: not worth an info line
+        gave_way = should_stop is not None and should_stop()
+        log.log(logging.DEBUG if gave_way else logging.INFO,
+                "kokoro refine (%s)%s: %d evals in %.1fs, similarity %.3f -> %.3f (warp %.3f, pitch %.3f)", method,
+                " gave way" if gave_way else "", state.evals, time.perf_counter() - t0,
+                previous.meta.get("similarity", float("nan")), best.sim, best.warp, best.pitch)
         return self._conditioning(
             best.pack, "refined", best.warp, best.eq, best.pitch, method=method,
             weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
