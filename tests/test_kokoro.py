@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import time
 
 import numpy as np
 import pytest
@@ -410,3 +412,68 @@ def test_bench_word_error_rate_normalises_case_and_punctuation():
     assert bench.wer("Hello, World! It's fine.", "hello world it's fine") == (0, 4)
     assert bench.wer("the cat sat", "the bat sat down") == (2, 3)  # one substitution, one insertion
     assert bench.wer("a b c", "") == (3, 3)
+
+
+def test_paused_time_does_not_count_against_the_fit_budget():
+    from voiced.engines.kokoro.fitting import _Budget, _Clock
+
+    calls: list[float] = []
+
+    def pause_once() -> bool:  # the daemon holds a fit here while requests are served
+        if not calls:
+            time.sleep(0.6)
+        calls.append(time.perf_counter())
+        return False
+
+    clock = _Clock(pause_once)
+    budget = _Budget(clock, clock.now(), 0.4, None)
+    assert not budget.exhausted() and clock.paused >= 0.6 and not clock.stopped
+    assert budget.run(lambda: 7) == 7 and budget.evals == 1
+    told = _Clock(lambda: True)
+    assert _Budget(told, told.now(), 100.0, None).exhausted() and told.stopped
+
+
+def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, speaker_encoder, testdata_dir,
+                                                                tmp_path, monkeypatch, caplog):
+    """A refinement that meets waiting requests pauses and then finishes: one fit, not a restart."""
+    import re
+    import shutil
+    import threading
+
+    from voiced.cache import Cache
+    from voiced.config import VoicesConfig
+    from voiced.library import Library
+
+    caplog.set_level(logging.INFO, logger="voiced.engines.kokoro.fitting")
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    shutil.copy(testdata_dir / "voices" / "allison_a.wav", voices / "allison.wav")
+    refining, demand = threading.Event(), threading.Event()
+    prepare = engine.prepare_voice
+
+    def watched_prepare(*args, **kwargs):
+        if kwargs.get("stage") == "refined":
+            refining.set()
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prepare_voice", watched_prepare)
+    cache = Cache(tmp_path / "cache")
+    library = Library(VoicesConfig(dir=voices), cache, speaker_encoder, engine=engine, stage_budget_s=4.0)
+    library.set_external_demand(demand.is_set)
+    library.start()
+    try:
+        library.sync_path("allison.wav")
+        assert refining.wait(120), "the refinement never started"
+        time.sleep(0.5)
+        demand.set()  # requests wait from now on: the fit must hold still
+        time.sleep(8.0)
+        assert library.get("allison").stage == "quick"
+        demand.clear()
+        assert library.wait_for(lambda: library.get("allison").stage == "refined", 120)
+    finally:
+        library.stop()
+        cache.close()
+    fits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kokoro refine")]
+    assert len(fits) == 1 and "stopped" not in fits[0], fits
+    paused = float(re.search(r"\(([\d.]+)s paused\)", fits[0]).group(1))
+    assert paused >= 4.0, fits  # most of the 8 s (the fit looks between evaluations)

@@ -107,7 +107,10 @@ class Engine(abc.ABC):
 
         ``stage`` is one of ``stages``; ``budget_s`` bounds the time spent (None: engine default);
         ``previous`` is the result of an earlier stage to start from; ``should_stop`` is polled
-        and, when it returns True, the best result so far is returned early.
+        between steps and, when it returns True, the best result so far is returned early (the
+        daemon then discards it and runs the stage again later). The daemon's ``should_stop`` may
+        block while synthesis requests are served: the stage is paused, so an engine's time
+        budget should leave out the time spent inside ``should_stop``.
         """
 
     @abc.abstractmethod

@@ -32,6 +32,7 @@ from voiced.errors import AudioError, CacheError
 from voiced.library.voice import Voice, VoiceState, is_candidate, voice_name
 
 log = logging.getLogger(__name__)
+_PAUSE_POLL_S = 0.02  # how often a paused background stage looks whether requests are still waiting
 
 
 class Embedder(Protocol):
@@ -683,18 +684,36 @@ class Library:
             self.sync_path(path)
             return
 
-        def should_stop() -> bool:
+        def must_abandon() -> bool:
             with self._lock:
                 current = self._voices.get(path)
                 stale = current is None or current.generation != gen
-                return self._stopping or stale or bool(self._urgent) or self._external_demand()
+                return self._stopping or stale or bool(self._urgent)
+
+        def should_stop() -> bool:
+            # While synthesis requests wait, the stage pauses here (the engine calls this between
+            # steps) instead of being thrown away, or a daemon under steady load would restart it
+            # for ever. It is abandoned only for the daemon stopping, the file changing or new
+            # files (their first stage runs on this thread).
+            paused = False
+            while not must_abandon():
+                if not self._demanded():
+                    if paused:
+                        log.debug("stage of %s resumes", path)
+                    return False
+                if not paused:
+                    log.debug("stage of %s paused for requests", path)
+                    paused = True
+                with self._work:
+                    self._work.wait(_PAUSE_POLL_S)  # woken at once by new files and by stop()
+            return True
 
         for stage in stages[start:]:
             conditioning = self.engine.prepare_voice(
                 audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
                 previous=previous, should_stop=should_stop,
             )
-            if should_stop():
+            if must_abandon():
                 # the engine returned early to make way: what it has is not the stage's result;
                 # run the stage again later (it is deterministic, so nothing is lost but time)
                 with self._lock:

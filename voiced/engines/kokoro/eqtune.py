@@ -142,11 +142,12 @@ class EqTuner:
         steps: int = STEPS,
         deadline: float | None = None,
         should_stop: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> tuple[np.ndarray, float, float, int]:
         """(gains, cosine before, cosine after, steps taken) for speech ``audio24k`` (without EQ).
 
         The cosine is the mean over the sentences of each one's cosine to ``target``.
-        Deterministic for given inputs unless ``deadline`` (perf_counter time) or ``should_stop``
+        Deterministic for given inputs unless ``deadline`` (a ``clock()`` time) or ``should_stop``
         cuts it short; the best gains seen are returned.
         """
         torch = self._torch
@@ -169,7 +170,7 @@ class EqTuner:
                     first = value
                 if value > best[1]:
                     best = (np.clip(g0 + delta.detach().numpy().astype(np.float64), post.MIN_GAIN_DB, post.MAX_GAIN_DB), value)
-                if taken == steps or (should_stop is not None and should_stop()) or (deadline is not None and time.perf_counter() > deadline):
+                if taken == steps or (should_stop is not None and should_stop()) or (deadline is not None and clock() > deadline):
                     break
                 loss = -cos + L2 * delta.square().mean()
                 opt.zero_grad()

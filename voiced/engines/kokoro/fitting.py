@@ -381,14 +381,15 @@ class StyleFitter:
         ``reference`` (16 kHz) gives the spectrum to match; without it the one the quick stage
         recorded in its meta is used.
         """
-        t0 = time.perf_counter()
+        clock = _Clock(should_stop)
+        t0 = clock.now()
         t = _unit(target)
         budget = DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s)
         if previous is None or "weights" not in previous.meta:
             previous = self.quick(t, reference)
         ref_bands = self.reference_bands(reference, previous)
         tune = ref_bands is not None and self.tuner() is not None
-        state = _Budget(t0, budget * (1 - EQ_SHARE) if tune else budget, should_stop, max_evals)
+        state = _Budget(clock, t0, budget * (1 - EQ_SHARE) if tune else budget, max_evals)
         if method not in ("jacobian", "cmaes"):
             raise EngineError(f"unknown refine method {method!r}")
         start = self._previous_point(previous)
@@ -399,12 +400,11 @@ class StyleFitter:
             best, offsets, w = self._refine_cmaes(t, previous, start, ref_bands, state)
         meta: dict[str, Any] = {k: previous.meta[k] for k in ("reference_bands_db",) if k in previous.meta}
         if tune:
-            best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, t0 + budget, should_stop)
-        # a fit cut short to make way for requests is thrown away and run again: not worth an info line
-        gave_way = should_stop is not None and should_stop()
-        log.log(logging.DEBUG if gave_way else logging.INFO,
-                "kokoro refine (%s)%s: %d evals in %.1fs, similarity %.3f -> %.3f (warp %.3f, pitch %.3f)", method,
-                " gave way" if gave_way else "", state.evals, time.perf_counter() - t0,
+            best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, t0 + budget, clock)
+        # a fit told to stop is thrown away by its caller and run again: not worth an info line
+        log.log(logging.DEBUG if clock.stopped else logging.INFO,
+                "kokoro refine (%s)%s: %d evals in %.1fs (%.1fs paused), similarity %.3f -> %.3f (warp %.3f, pitch %.3f)",
+                method, " stopped" if clock.stopped else "", state.evals, clock.now() - t0, clock.paused,
                 previous.meta.get("similarity", float("nan")), best.sim, best.warp, best.pitch)
         return self._conditioning(
             best.pack, "refined", best.warp, best.eq, best.pitch, method=method,
@@ -423,7 +423,7 @@ class StyleFitter:
         return self._tuner
 
     def _tune_eq(self, t: np.ndarray, best: _Point, ref_bands: np.ndarray, deadline: float,
-                 should_stop: Callable[[], bool] | None) -> tuple[_Point, dict[str, Any]]:
+                 clock: _Clock) -> tuple[_Point, dict[str, Any]]:
         """Choose the pitch, re-match the EQ on more speech, tune it through the encoder.
 
         The pitch: the best voice's own and each of PITCH_GRID (relative to it), scored on the
@@ -435,7 +435,7 @@ class StyleFitter:
         def speak(texts: list[list[int]], pitch: float) -> list[np.ndarray] | None:
             audio = []
             for tokens in texts:
-                if (should_stop is not None and should_stop()) or time.perf_counter() > deadline:
+                if clock.stop() or clock.now() > deadline:
                     return None
                 audio.append(self.engine.render(tokens, best.pack.astype(np.float32), 1.0, Voicing(best.warp, pitch)))
             return audio
@@ -459,7 +459,8 @@ class StyleFitter:
         info: dict[str, Any] = {"pitches": {str(round(p, 3)): round(sc, 4) for sc, p, _ in tried}}
         matched = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
         try:
-            gains, before, after, steps = self.tuner().tune(audio, matched, t, deadline=deadline, should_stop=should_stop)
+            gains, before, after, steps = self.tuner().tune(audio, matched, t, deadline=deadline, should_stop=clock.stop,
+                                                               clock=clock.now)
         except Exception as exc:  # noqa: BLE001 - it leans on the encoder's internals; the search's voice stands
             log.warning("EQ tuning failed, keeping the matched EQ: %s", exc)
             return best, {**info, "kept": False, "reason": "failed"}
@@ -611,20 +612,47 @@ def _pitch_penalty(pitch: float) -> float:
     return PITCH_PENALTY * float(np.log(pitch)) ** 2
 
 
+class _Clock:
+    """perf_counter time that stands still while ``should_stop`` blocks.
+
+    The daemon pauses a fit (its ``should_stop`` does not return) while synthesis requests wait,
+    so a time budget must count only the time the fit ran. ``stopped`` records a True answer:
+    the caller wants the stage abandoned.
+    """
+
+    def __init__(self, should_stop: Callable[[], bool] | None) -> None:
+        self._should_stop = should_stop
+        self.paused = 0.0
+        self.stopped = False
+
+    def now(self) -> float:
+        return time.perf_counter() - self.paused
+
+    def stop(self) -> bool:
+        if self._should_stop is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            self.stopped = self.stopped or bool(self._should_stop())
+        finally:
+            self.paused += time.perf_counter() - t0
+        return self.stopped
+
+
 class _Budget:
     """Counts evaluations and refuses one that would overrun the time budget or a stop request."""
 
-    def __init__(self, t0: float, budget_s: float, should_stop: Callable[[], bool] | None, max_evals: int | None) -> None:
-        self.t0, self.budget, self.should_stop, self.max_evals = t0, budget_s, should_stop, max_evals
+    def __init__(self, clock: _Clock, t0: float, budget_s: float, max_evals: int | None) -> None:
+        self.clock, self.t0, self.budget, self.max_evals = clock, t0, budget_s, max_evals
         self.evals = 0
         self.per_eval: float | None = None
 
     def exhausted(self) -> bool:
-        if self.should_stop is not None and self.should_stop():
+        if self.clock.stop():
             return True
         if self.max_evals is not None and self.evals >= self.max_evals:
             return True
-        elapsed = time.perf_counter() - self.t0
+        elapsed = self.clock.now() - self.t0
         return elapsed + (self.per_eval or 0.0) > self.budget
 
     def run(self, fn: Callable[[], Any]) -> Any:
