@@ -128,10 +128,35 @@ def test_voices_and_vocab():
         ("It weighs 5kg, 1 ft at 60 mph on 5G, 2 GB.",
          "It weighs five kilograms, one foot at sixty miles per hour on 5G, two gigabytes."),
         ("See https://example.com/docs.", "See example.com slash docs."),
+        ("Call 555-1234 or +1 (555) 123-4567.",
+         "Call five five five, one two three four or plus one, five five five, one two three, four five six seven."),
+        ("It takes 3-4 days; it ended 2-1; ref 12-34-56.", "It takes three to four days; it ended two to one; ref one two, three four, five six."),
+        ("Back at 1:30:15 with a Ph.D. in C#, #tired.", "Back at one thirty and fifteen seconds with a P H D in C sharp, tired."),
+        ("A 50/50 chance, 9/11, 5/16 inch.", "A fifty-fifty chance, nine slash eleven, five sixteenths inch."),
     ],
 )
 def test_english_normalisation(raw, expected):
     assert text.prepare(raw, "en-us", 1000) == [expected]
+
+
+@pytest.mark.parametrize("unit", ["1", "1,", "1.", "1-", "1/", "1:", "1%", "$1", "5kg ", "555-1234 ", "1 1/2 ", "#1 "])
+def test_normalisation_of_long_runs_is_linear_and_never_fails(unit):
+    """Digit runs of any length are read (digit by digit beyond 15), never a ValueError from int();
+    and no pattern rescans a run from every position (the text limit is 20 000 characters)."""
+    short, long = (unit * 10_000)[:10_000], (unit * 40_000)[:40_000]
+    sentences = text.prepare(long, "en-us", 10**6)
+    assert sentences and not any(ch.isdigit() for s in sentences for ch in s)
+    # four times the text may not take sixteen times as long: timed as the best of three, with a
+    # wide margin so that a loaded machine cannot fail it, while a quadratic pattern would
+    timings = []
+    for sample in (short, long):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            text.prepare(sample, "en-us", 10**6)
+            best = min(best, time.perf_counter() - t0)
+        timings.append(best)
+    assert timings[1] < 10 * timings[0] + 0.05, timings
 
 
 def test_clean_strips_controls_emoji_and_unifies_quotes():

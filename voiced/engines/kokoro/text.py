@@ -209,13 +209,17 @@ def _decade(m: re.Match[str]) -> str:
 
 
 _FRACTIONS = {2: ("half", "halves"), 4: ("quarter", "quarters")}
+# denominators read as fractions; others ("9/11", "7/13") are more likely dates, ids or scores
+_FRACTION_DENOMINATORS = {2, 3, 4, 5, 6, 8, 10, 12, 16, 32, 64, 100}
 
 
 def _fraction(m: re.Match[str]) -> str:
     num, den = int(m.group(1)), int(m.group(2))
     if (num, den) == (24, 7):
         return "twenty-four seven"
-    if not (2 <= den <= 16 and 0 < num < den):  # not a plain fraction: a ratio, a code, a path
+    if num == den and m.group(1) == m.group(2):  # "50/50"
+        return f"{number_to_words(num)}-{number_to_words(num)}"
+    if den not in _FRACTION_DENOMINATORS or not 0 < num < den:  # a ratio, a date, a code, a path
         return m.group(0)
     one, many = _FRACTIONS.get(den, (ordinal_words(den), ordinal_words(den) + "s"))
     return f"{number_to_words(num)} {one if num == 1 else many}"
@@ -239,7 +243,8 @@ _UNITS = {
     "Hz": "hertz", "kHz": "kilohertz", "MHz": "megahertz", "GHz": "gigahertz",
     "kW": "kilowatt", "kWh": "kilowatt hour", "ms": "millisecond",
 }
-_UNIT_RE = re.compile(r"(\d(?:[\d,]*\d)?(?:\.\d+)?)\s?(" + "|".join(sorted(map(re.escape, _UNITS), key=len, reverse=True)) + r")(?![\w/])")
+# (the look-behind lets a match start only where a number starts: long digit runs stay linear)
+_UNIT_RE = re.compile(r"(?<![\d,.])(\d(?:[\d,]*\d)?(?:\.\d+)?)\s?(" + "|".join(sorted(map(re.escape, _UNITS), key=len, reverse=True)) + r")(?![\w/])")
 
 
 def _unit(m: re.Match[str]) -> str:
@@ -251,6 +256,24 @@ def _unit(m: re.Match[str]) -> str:
     return f"{amount} {unit}"
 
 
+def _phone(m: re.Match[str]) -> str:
+    """'555-1234', '(555) 123-4567', '+1 555 123 4567', '12-34-56': digit by digit, a pause between groups."""
+    groups = re.findall(r"\+?\d+", m.group(0))
+    spoken = [" ".join(_ONES[int(d)] for d in g.lstrip("+")) for g in groups]
+    if groups[0].startswith("+"):
+        spoken[0] = "plus " + spoken[0]
+    return ", ".join(spoken)
+
+
+def _clock_seconds(m: re.Match[str]) -> str:
+    """'1:30:15' -> 'one thirty and fifteen seconds' (a time or a duration, read alike)."""
+    h, mins, secs = (int(g) for g in m.groups())
+    if mins > 59 or secs > 59:
+        return m.group(0)
+    head = number_to_words(h) + (" o'clock" if mins == 0 else f" oh {number_to_words(mins)}" if mins < 10 else f" {number_to_words(mins)}")
+    return head + (f" and {number_to_words(secs)} {'second' if secs == 1 else 'seconds'}" if secs else "")
+
+
 def _degrees(m: re.Match[str]) -> str:
     scale = {"c": " Celsius", "f": " Fahrenheit"}.get((m.group(2) or "").lower(), "")
     return f"{m.group(1)} {'degree' if m.group(1) == '1' else 'degrees'}{scale}"
@@ -259,16 +282,23 @@ def _degrees(m: re.Match[str]) -> str:
 def normalize_english(text: str) -> str:
     """Spell out what espeak reads badly or literally: money, dates, times, numbers, units, fractions,
     temperatures, decades, versions, ratios, abbreviations (street or title by context), web addresses."""
+    # digit strings too long for a number (card numbers, hashes) are read digit by digit, first
+    text = re.sub(r"\d{1,3}(?:,\d{3}){5,}|\d{16,}", lambda m: " ".join(_ONES[int(d)] for d in m.group(0) if d != ","), text)
     text = re.sub(r"\bhttps?://", "", text)  # nobody reads the scheme of a web address aloud
     text = re.sub(r"(?:\b([A-Z][a-z]+) )?\b(St|Dr)\.(?=\s+(\w)|\s*$|,)", _street_or_title, text)
     text = _ABBR_RE.sub(lambda m: _ABBREVIATIONS[m.group(1).lower()], text)
     text = re.sub(r"\b(Mr|Mrs|Ms|Dr)(?= [A-Z])", lambda m: _ABBREVIATIONS[m.group(1).lower()], text)  # "Mr Smith"
     text = re.sub(r"\bNo\.(?=\s*\d)", "number", text)
     text = re.sub(r"\b(e\.g|i\.e)\.", lambda m: "for example" if m.group(1) == "e.g" else "that is", text)
+    text = re.sub(r"\bPh\.\s?D\.?", "P H D", text)
+    text = re.sub(r"\b([A-G])#(?!\w)", r"\1 sharp", text)  # C#, F#
+    text = re.sub(r"(?<![\w&])#(?=[A-Za-z])", "", text)  # a hashtag is read as its word
     text = re.sub(r"\b(\d{4})-(\d{2})-(\d{2})\b", _iso_date, text)
     text = re.sub(r"\b(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})\b", _us_date, text)
     months = "|".join(_MONTHS)
     text = re.sub(rf"\b({months}) (\d{{1,2}})(?:st|nd|rd|th)?\b(?!:)", lambda m: f"{m.group(1)} {ordinal_words(int(m.group(2)))}", text)
+    text = re.sub(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\) ?|\d{3}[ .-])?\d{3}[ .-]\d{4}\b", _phone, text)
+    text = re.sub(r"\b(\d{1,2}):(\d{2}):(\d{2})\b", _clock_seconds, text)
     text = re.sub(r"\b(\d{1,2}):(\d{2})\s*([AaPp]\.?[Mm]\.?)?(?=\W|$)", _time, text)
     text = re.sub(r"\b(\d+):(\d+)\b", r"\1 to \2", text)  # what is left is a ratio or a score: 3:1
     text = re.sub(r"\b(\d+(?:\.\d+)?)\s?°\s?([CcFf](?![a-z]))?", _degrees, text)
@@ -277,9 +307,11 @@ def normalize_english(text: str) -> str:
     text = re.sub(r"\b(\d+)/(\d+)\b", _fraction, text)
     text = re.sub(r"(?:\b|')(1[1-9]\d0|20\d0|[1-9]0)'?s\b", _decade, text)
     text = re.sub(r"\b\d+(?:\.\d+){2,}\b", lambda m: " dot ".join(m.group(0).split(".")), text)  # versions, addresses
+    text = re.sub(r"(?<![\w-])\d+(?:-\d+){2,}(?![\w-])", _phone, text)  # ids in hyphenated groups: digit by digit
+    text = re.sub(r"(?<![\w-])(\d+)-(\d+)(?![\w-])", r"\1 to \2", text)  # ranges and scores: 3-4 days, 2-1
     text = re.sub(r"\b(\d+(?:\.\d+)?)x\b", r"\1 times", text)
     text = re.sub(rf"([$£€¥])\s?({_NUM})(?:\.(\d+))?(?:\s?({_SCALE_WORDS})\b)?", _money, text)
-    text = re.sub(rf"({_NUM})(?:\.(\d+))?\s?%", lambda m: _decimal_words(m.group(1).replace(",", "") + (f".{m.group(2)}" if m.group(2) else "")) + " percent", text)
+    text = re.sub(rf"(?<![\d,])({_NUM})(?:\.(\d+))?\s?%", lambda m: _decimal_words(m.group(1).replace(",", "") + (f".{m.group(2)}" if m.group(2) else "")) + " percent", text)
     text = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), text)
     text = re.sub(r"(?<![\w.])-(?=\d)", "minus ", text)
     text = re.sub(rf"\b(?:{_NUM})(?:\.\d+)?\b", _number, text)
