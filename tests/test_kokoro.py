@@ -139,13 +139,24 @@ def test_english_normalisation(raw, expected):
     assert text.prepare(raw, "en-us", 1000) == [expected]
 
 
-@pytest.mark.parametrize("unit", ["1", "1,", "1.", "1-", "1/", "1:", "1%", "$1", "5kg ", "555-1234 ", "1 1/2 ", "#1 "])
+def _prepare_or_error(sample: str) -> list[str] | None:
+    try:
+        return text.prepare(sample, "en-us", 10**6)
+    except TextError:
+        return None
+
+
+@pytest.mark.parametrize("unit", ["1", "1,", "1.", "1-", "1/", "1:", "1%", "$1", "5kg ", "555-1234 ", "1 1/2 ", "#1 ",
+                                  "\n", " ", "a\n", "-"])
 def test_normalisation_of_long_runs_is_linear_and_never_fails(unit):
     """Digit runs of any length are read (digit by digit beyond 15), never a ValueError from int();
     and no pattern rescans a run from every position (the text limit is 20 000 characters)."""
     short, long = (unit * 10_000)[:10_000], (unit * 40_000)[:40_000]
-    sentences = text.prepare(long, "en-us", 10**6)
-    assert sentences and not any(ch.isdigit() for s in sentences for ch in s)
+    sentences = _prepare_or_error(long)
+    if any(ch.isalnum() for ch in unit):
+        assert sentences and not any(ch.isdigit() for s in sentences for ch in s)
+    else:
+        assert sentences is None  # nothing to pronounce: a TextError, not a hang
     # four times the text may not take sixteen times as long: timed as the best of three, with a
     # wide margin so that a loaded machine cannot fail it, while a quadratic pattern would
     timings = []
@@ -153,7 +164,7 @@ def test_normalisation_of_long_runs_is_linear_and_never_fails(unit):
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            text.prepare(sample, "en-us", 10**6)
+            _prepare_or_error(sample)
             best = min(best, time.perf_counter() - t0)
         timings.append(best)
     assert timings[1] < 10 * timings[0] + 0.05, timings

@@ -105,7 +105,7 @@ def clean(text: str) -> str:
         # the degree sign (So too) stays: "-5°C" is read, espeak reads it in other languages.
     text = "".join(kept)
     text = re.sub(r"\.{3,}", "…", text)
-    text = re.sub(r"\s+-{1,2}\s+|--", " — ", text)
+    text = re.sub(r"(?<!\s)\s+-{1,2}\s+|--", " — ", text)  # (starts only where a space run starts: linear)
     # Straight double quotes alternate open/close, so Kokoro sees which side a quote is on.
     parts = text.split('"')
     text = "".join(p + ("“" if i % 2 == 0 else "”") for i, p in enumerate(parts[:-1])) + parts[-1]
