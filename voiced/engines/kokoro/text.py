@@ -226,7 +226,7 @@ def _fraction(m: re.Match[str]) -> str:
 
 
 def _mixed_fraction(m: re.Match[str]) -> str:
-    """'1 1/2' -> '1 and one half'; left alone unless the second part is a plain fraction."""
+    """'1 1/2' -> '1 and a half'; left alone unless the second part is a plain fraction."""
     frac = re.fullmatch(r"(\d+)/(\d+)", m.group(2))
     spoken = _fraction(frac) if frac else m.group(2)
     if spoken == m.group(2):
