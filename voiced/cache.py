@@ -212,9 +212,21 @@ def _serialize(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _deserialize(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+# numpy parses every array header with ast.literal_eval, and CPython 3.11's AST constructor is not
+# safe across threads: two reads at once can fail with "SystemError: AST constructor recursion
+# depth mismatch" (seen with four threads sharing a cache). Every npz read in the process takes
+# this lock; the reads are copies from memory or page cache, so it costs nothing measurable.
+_NPZ_READ_LOCK = threading.Lock()
+
+
+def read_npz(source: str | os.PathLike[str] | io.BytesIO) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file (a path or an in-memory file), never unpickling; thread-safe."""
+    with _NPZ_READ_LOCK, np.load(source, allow_pickle=False) as npz:
         return {name: npz[name] for name in npz.files}
+
+
+def _deserialize(data: bytes) -> dict[str, np.ndarray]:
+    return read_npz(io.BytesIO(data))
 
 
 def _is_corruption(exc: BaseException) -> bool:

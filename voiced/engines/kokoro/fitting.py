@@ -34,12 +34,14 @@ import hashlib
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from voiced.cache import read_npz
 from voiced.engines.base import Conditioning, EngineError
 from voiced.engines.kokoro import post
 from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
@@ -272,13 +274,13 @@ class StyleFitter:
         path = cache / f"kokoro-calibration-{key}.npz"
         n_voices, n_texts = len(self.names), len(self.tokens)
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                embs = npz["embs"]
-                audio = [[np.asarray(npz[f"audio_{v}_{i}"], np.float32) for i in range(n_texts)] for v in range(n_voices)]
+            npz = read_npz(path)
+            embs = npz["embs"]
+            audio = [[np.asarray(npz[f"audio_{v}_{i}"], np.float32) for i in range(n_texts)] for v in range(n_voices)]
             if embs.shape == (n_voices, n_texts, 256):
                 self.base_audio = audio
                 return embs
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing or damaged: made again
             pass
         self.base_audio = [[self._speak(p, i) for i in range(n_texts)] for p in self.packs]
         embs = np.stack([[self.embed_audio(a) for a in voice] for voice in self.base_audio])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voiced.cache import sha256_file
+from voiced.cache import read_npz, sha256_file
 from voiced.engines.base import EngineError
 from voiced.fsutil import fsync_dir
 
@@ -120,5 +120,4 @@ def load_vocab(files: KokoroFiles) -> dict[str, int]:
 
 def load_voices(files: KokoroFiles) -> dict[str, np.ndarray]:
     """Base voice name -> style pack of shape (510, 256) float32, indexed by token count."""
-    with np.load(files.voices, allow_pickle=False) as npz:
-        return {k: np.ascontiguousarray(npz[k].reshape(npz[k].shape[0], -1), dtype=np.float32) for k in npz.files}
+    return {k: np.ascontiguousarray(v.reshape(v.shape[0], -1), dtype=np.float32) for k, v in read_npz(files.voices).items()}
