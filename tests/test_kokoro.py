@@ -469,10 +469,11 @@ def test_paused_time_does_not_count_against_the_fit_budget():
     assert _Budget(told, told.now(), 100.0, None).exhausted() and told.stopped
 
 
-def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, speaker_encoder, testdata_dir,
-                                                                tmp_path, monkeypatch, caplog):
-    """A refinement that meets waiting requests pauses and then finishes: one fit, not a restart."""
-    import re
+def _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s: float) -> list[str]:
+    """Prepare allison in a real library; once its refinement runs, requests 'wait' for ``hold_s``.
+
+    Returns the fitter's log lines (DEBUG and up) once the voice is refined.
+    """
     import shutil
     import threading
 
@@ -480,7 +481,6 @@ def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, 
     from voiced.config import VoicesConfig
     from voiced.library import Library
 
-    caplog.set_level(logging.INFO, logger="voiced.engines.kokoro.fitting")
     voices = tmp_path / "voices"
     voices.mkdir()
     shutil.copy(testdata_dir / "voices" / "allison_a.wav", voices / "allison.wav")
@@ -493,6 +493,13 @@ def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, 
         return prepare(*args, **kwargs)
 
     monkeypatch.setattr(engine, "prepare_voice", watched_prepare)
+    records: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    fit_log = logging.getLogger("voiced.engines.kokoro.fitting")
+    fit_log.addHandler(handler)
+    level = fit_log.level
+    fit_log.setLevel(logging.DEBUG)
     cache = Cache(tmp_path / "cache")
     library = Library(VoicesConfig(dir=voices), cache, speaker_encoder, engine=engine, stage_budget_s=4.0)
     library.set_external_demand(demand.is_set)
@@ -502,14 +509,34 @@ def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, 
         assert refining.wait(120), "the refinement never started"
         time.sleep(0.5)
         demand.set()  # requests wait from now on: the fit must hold still
-        time.sleep(8.0)
+        time.sleep(hold_s)
         assert library.get("allison").stage == "quick"
         demand.clear()
         assert library.wait_for(lambda: library.get("allison").stage == "refined", 120)
     finally:
         library.stop()
         cache.close()
-    fits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kokoro refine")]
+        fit_log.removeHandler(handler)
+        fit_log.setLevel(level)
+    return [m for m in records if m.startswith("kokoro refine")]
+
+
+def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, speaker_encoder, testdata_dir,
+                                                                tmp_path, monkeypatch):
+    """A refinement that meets waiting requests pauses and then finishes: one fit, not a restart."""
+    import re
+
+    fits = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=8.0)
     assert len(fits) == 1 and "stopped" not in fits[0], fits
     paused = float(re.search(r"\(([\d.]+)s paused\)", fits[0]).group(1))
     assert paused >= 4.0, fits  # most of the 8 s (the fit looks between evaluations)
+
+
+def test_refinement_paused_too_long_is_set_aside_and_run_again(engine, allison, speaker_encoder, testdata_dir,
+                                                               tmp_path, monkeypatch):
+    """Past the pause limit the stage is abandoned, not stored half-done, and runs again afterwards."""
+    from voiced.library import library as library_module
+
+    monkeypatch.setattr(library_module, "_MAX_PAUSE_S", 1.0)
+    fits = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=5.0)
+    assert len(fits) == 2 and "stopped" in fits[0] and "stopped" not in fits[1], fits

@@ -110,7 +110,9 @@ class Engine(abc.ABC):
         between steps and, when it returns True, the best result so far is returned early (the
         daemon then discards it and runs the stage again later). The daemon's ``should_stop`` may
         block while synthesis requests are served: the stage is paused, so an engine's time
-        budget should leave out the time spent inside ``should_stop``.
+        budget should leave out the time spent inside ``should_stop``, and an engine must not
+        hold anything its ``synthesize`` needs while it calls it (the daemon gives up on a stage
+        paused for a minute).
         """
 
     @abc.abstractmethod

@@ -33,6 +33,10 @@ from voiced.library.voice import Voice, VoiceState, is_candidate, voice_name
 
 log = logging.getLogger(__name__)
 _PAUSE_POLL_S = 0.02  # how often a paused background stage looks whether requests are still waiting
+# A stage paused this long is abandoned (and runs again once requests stop): under that much
+# uninterrupted traffic it cannot progress anyway, and an engine that wrongly holds a lock its
+# synthesis needs while it asks should_stop cannot hold requests up for longer than this.
+_MAX_PAUSE_S = 60.0
 
 
 class Embedder(Protocol):
@@ -690,20 +694,30 @@ class Library:
                 stale = current is None or current.generation != gen
                 return self._stopping or stale or bool(self._urgent)
 
+        set_aside = False  # a stage paused too long: what the engine returns is not its result
+
         def should_stop() -> bool:
+            nonlocal set_aside
             # While synthesis requests wait, the stage pauses here (the engine calls this between
             # steps) instead of being thrown away, or a daemon under steady load would restart it
-            # for ever. It is abandoned only for the daemon stopping, the file changing or new
-            # files (their first stage runs on this thread).
-            paused = False
+            # for ever. It is abandoned for the daemon stopping, the file changing, new files
+            # (their first stage runs on this thread) and after _MAX_PAUSE_S of pausing.
+            if set_aside:
+                return True
+            paused_at: float | None = None
             while not must_abandon():
                 if not self._demanded():
-                    if paused:
-                        log.debug("stage of %s resumes", path)
+                    if paused_at is not None:
+                        log.debug("stage of %s resumes after %.1fs", path, time.monotonic() - paused_at)
                     return False
-                if not paused:
+                if paused_at is None:
                     log.debug("stage of %s paused for requests", path)
-                    paused = True
+                    paused_at = time.monotonic()
+                elif time.monotonic() - paused_at > _MAX_PAUSE_S:
+                    log.info("background stage of %s set aside after %.0fs of waiting requests; it runs again later",
+                             path, _MAX_PAUSE_S)
+                    set_aside = True
+                    return True
                 with self._work:
                     self._work.wait(_PAUSE_POLL_S)  # woken at once by new files and by stop()
             return True
@@ -713,7 +727,7 @@ class Library:
                 audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
                 previous=previous, should_stop=should_stop,
             )
-            if must_abandon():
+            if set_aside or must_abandon():
                 # the engine returned early to make way: what it has is not the stage's result;
                 # run the stage again later (it is deterministic, so nothing is lost but time)
                 with self._lock:
