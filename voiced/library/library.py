@@ -37,6 +37,7 @@ _PAUSE_POLL_S = 0.02  # how often a paused background stage looks whether reques
 # uninterrupted traffic it cannot progress anyway, and an engine that wrongly holds a lock its
 # synthesis needs while it asks should_stop cannot hold requests up for longer than this.
 _MAX_PAUSE_S = 60.0
+_RESUME_QUIET_S = 1.0  # how long no request must have waited before a paused stage goes on
 
 
 class Embedder(Protocol):
@@ -705,19 +706,26 @@ class Library:
             if set_aside:
                 return True
             paused_at: float | None = None
+            quiet_since: float | None = None
             while not must_abandon():
-                if not self._demanded():
-                    if paused_at is not None:
-                        log.debug("stage of %s resumes after %.1fs", path, time.monotonic() - paused_at)
+                now = time.monotonic()
+                if self._demanded():
+                    quiet_since = None
+                    if paused_at is None:
+                        log.debug("stage of %s paused for requests", path)
+                        paused_at = now
+                    elif now - paused_at > _MAX_PAUSE_S:
+                        log.info("background stage of %s set aside after %.0fs of waiting requests; it runs again later",
+                                 path, _MAX_PAUSE_S)
+                        set_aside = True
+                        return True
+                elif paused_at is None:
                     return False
-                if paused_at is None:
-                    log.debug("stage of %s paused for requests", path)
-                    paused_at = time.monotonic()
-                elif time.monotonic() - paused_at > _MAX_PAUSE_S:
-                    log.info("background stage of %s set aside after %.0fs of waiting requests; it runs again later",
-                             path, _MAX_PAUSE_S)
-                    set_aside = True
-                    return True
+                else:  # resume only after a quiet spell: a step started in a gap between requests
+                    quiet_since = now if quiet_since is None else quiet_since  # would slow the next one
+                    if now - quiet_since >= _RESUME_QUIET_S:
+                        log.debug("stage of %s resumes after %.1fs", path, now - paused_at)
+                        return False
                 with self._work:
                     self._work.wait(_PAUSE_POLL_S)  # woken at once by new files and by stop()
             return True
