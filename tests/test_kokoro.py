@@ -420,21 +420,41 @@ def test_eq_tuning_raises_similarity(engine, allison):
 
 
 @pytest.mark.slow
-def test_refined_is_deterministic_and_not_worse(engine, allison):
+def test_refined_is_deterministic_and_not_worse(engine, allison, monkeypatch, caplog):
+    """The budget buys fixed work: a slower machine takes longer for the same voice."""
+    from voiced.engines.kokoro import fitting
+
     wav, emb = allison
     quick = engine.prepare_voice(wav, emb, stage="quick")
-    a = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
-    b = engine.fitter().refine(emb, previous=quick, max_evals=12, budget_s=600)
-    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    budget = 26.0  # enough for a few search evaluations and EQ tuning steps
+    evals, steps = fitting.work_for_budget(budget)
+    assert evals > 4 and steps > 0
+    a = engine.fitter().refine(emb, previous=quick, budget_s=budget)
+    assert a.meta["evaluations"] == evals and a.meta["eq_tuning"]["steps"] == steps and "cut" not in a.meta
     assert a.meta["similarity"] >= quick.meta["similarity"]
     assert post.WARP_RANGE[0] <= float(a["warp"][0]) <= post.WARP_RANGE[1]
     voicing = engine.voicing(a)
     assert post.PITCH_RANGE[0] <= voicing.pitch <= post.PITCH_RANGE[1]
-    c = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
-    d = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=600, method="cmaes")
-    assert np.array_equal(c["style"], d["style"]) and c.meta["similarity"] >= quick.meta["similarity"]
+
+    def machine_slower_by(factor: float) -> None:  # the fit's clock runs that much faster
+        monkeypatch.setattr(fitting._Clock, "now", lambda self: factor * time.perf_counter() - self.paused)
+
+    machine_slower_by(2.5)  # within the time cap (3 budgets): the same work, the same voice
+    b = engine.fitter().refine(emb, previous=quick, budget_s=budget)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert b.meta == a.meta
+    machine_slower_by(30.0)  # past the cap: cut short, and the log says the voice is not reproducible
+    with caplog.at_level(logging.WARNING, logger="voiced.engines.kokoro.fitting"):
+        c = engine.fitter().refine(emb, previous=quick, budget_s=budget)
+    assert c.meta.get("cut") is True and c.meta["evaluations"] < evals
+    assert any("cut short" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    d = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=budget, method="cmaes")
+    e = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=budget, method="cmaes")
+    assert np.array_equal(d["style"], e["style"]) and d.meta["similarity"] >= quick.meta["similarity"]
     stopped = engine.prepare_voice(wav, emb, stage="refined", previous=quick, should_stop=lambda: True)
     assert stopped.meta["evaluations"] == 0 and np.array_equal(stopped["style"], quick["style"])
+    assert "cut" not in stopped.meta
 
 
 def test_bench_word_error_rate_normalises_case_and_punctuation():

@@ -103,7 +103,9 @@ class EngineConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     refine_budget_s: float = 60.0
-    """Time a voice's later preparation stages (e.g. kokoro's refined fit) may take, per voice."""
+    """Budget of a voice's later preparation stages (e.g. kokoro's refined fit), per voice. Kokoro
+    turns it into fixed work (what takes that long on a 2-core x86 CPU), so a file gives the same
+    voice on any machine; it cuts a fit short only after three budgets of real time."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Engine-specific options (see the engine's documentation)."""
 

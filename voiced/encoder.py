@@ -188,7 +188,6 @@ def partial_starts(n_samples: int, rate: float = PARTIAL_RATE, min_coverage: flo
     return starts
 
 
-
 def mel_partials(frontend: MelFrontEnd, wav: torch.Tensor, starts: list[int]) -> torch.Tensor:
     """(n, PARTIAL_FRAMES, n_mels) mel windows of ``wav`` at ``starts`` (from partial_starts).
 
@@ -202,6 +201,7 @@ def mel_partials(frontend: MelFrontEnd, wav: torch.Tensor, starts: list[int]) ->
     mel = frontend(wav)  # (frames, n_mels)
     step = starts[1] - starts[0] if len(starts) > 1 else 1
     return mel.unfold(0, PARTIAL_FRAMES, step)[: len(starts)].transpose(1, 2)
+
 
 # --------------------------------------------------------------------------- preprocessing
 

@@ -105,7 +105,7 @@ class Engine(abc.ABC):
     ) -> Conditioning:
         """Prepare a voice from a 16 kHz mono float32 ``reference`` and its (256,) ``embedding``.
 
-        ``stage`` is one of ``stages``; ``budget_s`` bounds the time spent (None: engine default);
+        ``stage`` is one of ``stages``; ``budget_s`` bounds the effort (None: engine default);
         ``previous`` is the result of an earlier stage to start from; ``should_stop`` is polled
         between steps and, when it returns True, the best result so far is returned early (the
         daemon then discards it and runs the stage again later). The daemon's ``should_stop`` may

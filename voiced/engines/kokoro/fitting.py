@@ -21,11 +21,15 @@ long-term spectrum is worth more similarity than any style move they allow (alli
   intelligibility). Default: trust-region Gauss-Newton on the 256-d embedding with a finite-
   difference + Broyden Jacobian over offsets along the base styles' principal directions, per
   half; alternative: CMA-ES on blend logits + the same offsets, seeded from the embedding's
-  bytes. Both are deterministic for a given reference when they stop on ``max_evals``; a time
-  budget can cut them at a machine-dependent point. Last (EQ_SHARE of the budget), the pitch
-  of the best candidate is chosen on a few sentences, its EQ re-matched on more speech and
-  tuned by gradient ascent through the encoder (eqtune.py); both are kept only if they raise
-  the similarity.
+  bytes. Last (EQ_SHARE of the budget), the pitch of the best candidate is chosen on a few
+  sentences, its EQ re-matched on more speech and tuned by gradient ascent through the encoder
+  (eqtune.py); both are kept only if they raise the similarity.
+
+The budget buys a fixed amount of work (search evaluations, EQ tuning steps: what takes that
+long on a 2-core x86 CPU), not wall-clock time, so a file gives the same voice on every run and
+every machine whatever else the machine is doing: a busy or slow machine takes longer for the
+same voice instead of making a worse one. Only past TIME_CAP_FACTOR times the budget of real
+(unpaused) time is a fit cut short, with a warning, since its result then depends on the machine.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import numpy as np
 
 from voiced.cache import read_npz
 from voiced.engines.base import Conditioning, EngineError
-from voiced.engines.kokoro import post
+from voiced.engines.kokoro import eqtune, post
 from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
 
 log = logging.getLogger(__name__)
@@ -76,8 +80,7 @@ TUNING_TEXTS = (
 # similarity fell); with five it generalises, with seven more so (june_a +0.008 on held-out text,
 # allison_a +0.002, carlo_a unchanged, for fewer steps), and the tuning is worth more per second
 # than further style search. The share also pays for speaking the pitch texts at each pitch tried.
-# The search's best came within 30 evaluations for all three test speakers (23 s here); the
-# rest of a 60 s budget lets the tuning run to eqtune.STEPS.
+# The search's best came within 30 evaluations for all three test speakers (23 s here).
 EQ_SHARE = 0.62
 WARP_GRID = (0.9, 0.95, 1.05, 1.1)  # tried around the quick voice's warp (1.0) before the style search
 WARP_PENALTY = 1.0  # cosine points lost per unit squared log-warp (0.9 or 1.1: about 0.01)
@@ -87,7 +90,15 @@ WARP_PENALTY = 1.0  # cosine points lost per unit squared log-warp (0.9 or 1.1: 
 PITCH_GRID = (0.9, 1.12)
 PITCH_TUNING_TEXTS = 2
 PITCH_PENALTY = 0.3  # cosine points per unit squared log-pitch (0.9 or 1.12: about 0.003)
-FIT_VERSION = "fit5"
+# What the work costs on a 2-core x86 CPU (onnxruntime int8, torch CPU), turning budget seconds
+# into counts: one search evaluation (synthesis of the calibration text, EQ match, embedding), the
+# tuning's set-up (speaking the pitch and tuning texts) and one EQ tuning step. A 60 s budget buys
+# 27 evaluations and 74 tuning steps, what the clock used to allow here.
+EVAL_COST_S = 0.84
+TUNE_SETUP_COST_S = 15.0
+TUNE_STEP_COST_S = 0.30
+TIME_CAP_FACTOR = 3.0  # real time, in budgets, after which a fit is cut short
+FIT_VERSION = "fit6"
 
 
 class SpeakerEncoderLike(Protocol):
@@ -381,17 +392,22 @@ class StyleFitter:
         which makes it about twice as sample-efficient as CMA-ES here.
         ``method="cmaes"``: CMA-ES on blend logits + offsets, seeded from the embedding bytes.
         ``reference`` (16 kHz) gives the spectrum to match; without it the one the quick stage
-        recorded in its meta is used.
+        recorded in its meta is used. ``budget_s`` sets the work (see ``work_for_budget``);
+        ``max_evals`` overrides its number of search evaluations.
         """
         clock = _Clock(should_stop)
         t0 = clock.now()
         t = _unit(target)
-        budget = DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s)
+        budget = max(0.0, DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s))
         if previous is None or "weights" not in previous.meta:
             previous = self.quick(t, reference)
         ref_bands = self.reference_bands(reference, previous)
         tune = ref_bands is not None and self.tuner() is not None
-        state = _Budget(clock, t0, budget * (1 - EQ_SHARE) if tune else budget, max_evals)
+        evals, eq_steps = work_for_budget(budget, tune)
+        if max_evals is not None:
+            evals = max_evals
+        cap = budget * TIME_CAP_FACTOR
+        state = _Budget(clock, t0, cap * (1 - EQ_SHARE) if tune else cap, evals)
         if method not in ("jacobian", "cmaes"):
             raise EngineError(f"unknown refine method {method!r}")
         start = self._previous_point(previous)
@@ -401,8 +417,16 @@ class StyleFitter:
         else:
             best, offsets, w = self._refine_cmaes(t, previous, start, ref_bands, state)
         meta: dict[str, Any] = {k: previous.meta[k] for k in ("reference_bands_db",) if k in previous.meta}
-        if tune:
-            best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, t0 + budget, clock)
+        cut = state.cut
+        if tune and eq_steps > 0:
+            best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, eq_steps, t0 + cap, clock)
+            cut = cut or meta["eq_tuning"].get("reason") == "no time" or meta["eq_tuning"].get("steps", eq_steps) < eq_steps
+        cut = cut and not clock.stopped
+        if cut:
+            meta["cut"] = True
+            log.warning("kokoro refine cut short after %.0fs, %g times its %gs budget (%d of %d evaluations): this "
+                        "voice depends on the machine's speed and load; on this machine a smaller budget gives one that does not",
+                        clock.now() - t0, TIME_CAP_FACTOR, budget, state.evals, evals)
         # a fit told to stop is thrown away by its caller and run again: not worth an info line
         log.log(logging.DEBUG if clock.stopped else logging.INFO,
                 "kokoro refine (%s)%s: %d evals in %.1fs (%.1fs paused), similarity %.3f -> %.3f (warp %.3f, pitch %.3f)",
@@ -419,14 +443,12 @@ class StyleFitter:
     def tuner(self) -> Any:
         """The EQ tuner (eqtune.EqTuner), or None when the encoder does not allow one."""
         if not self._tuner_checked:
-            from voiced.engines.kokoro.eqtune import EqTuner
-
-            self._tuner, self._tuner_checked = EqTuner.create(self.encoder), True
+            self._tuner, self._tuner_checked = eqtune.EqTuner.create(self.encoder), True
         return self._tuner
 
-    def _tune_eq(self, t: np.ndarray, best: _Point, ref_bands: np.ndarray, deadline: float,
+    def _tune_eq(self, t: np.ndarray, best: _Point, ref_bands: np.ndarray, steps: int, deadline: float,
                  clock: _Clock) -> tuple[_Point, dict[str, Any]]:
-        """Choose the pitch, re-match the EQ on more speech, tune it through the encoder.
+        """Choose the pitch, re-match the EQ on more speech, tune it through the encoder (``steps``).
 
         The pitch: the best voice's own and each of PITCH_GRID (relative to it), scored on the
         pitch texts with a matched EQ, penalised by PITCH_PENALTY. The result is kept only when
@@ -461,8 +483,8 @@ class StyleFitter:
         info: dict[str, Any] = {"pitches": {str(round(p, 3)): round(sc, 4) for sc, p, _ in tried}}
         matched = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
         try:
-            gains, before, after, steps = self.tuner().tune(audio, matched, t, deadline=deadline, should_stop=clock.stop,
-                                                               clock=clock.now)
+            gains, before, after, steps = self.tuner().tune(audio, matched, t, steps=steps, deadline=deadline,
+                                                               should_stop=clock.stop, clock=clock.now)
         except Exception as exc:  # noqa: BLE001 - it leans on the encoder's internals; the search's voice stands
             log.warning("EQ tuning failed, keeping the matched EQ: %s", exc)
             return best, {**info, "kept": False, "reason": "failed"}
@@ -606,6 +628,19 @@ class _Point:
         self.pack, self.warp, self.eq, self.sim, self.pitch = pack, warp, eq, sim, pitch
 
 
+def work_for_budget(budget_s: float, tune: bool = True) -> tuple[int, int]:
+    """(search evaluations, EQ tuning steps) that take about ``budget_s`` on a 2-core x86 CPU.
+
+    The search gets 1 - EQ_SHARE of the budget when the EQ is tuned, all of it otherwise; the
+    tuning gets the rest less its set-up, and no steps when that leaves too little.
+    """
+    if not tune:
+        return round(budget_s / EVAL_COST_S), 0
+    evals = round(budget_s * (1 - EQ_SHARE) / EVAL_COST_S)
+    steps = round((budget_s * EQ_SHARE - TUNE_SETUP_COST_S) / TUNE_STEP_COST_S)
+    return evals, int(np.clip(steps, 0, eqtune.STEPS))
+
+
 def _warp_penalty(warp: float) -> float:
     return WARP_PENALTY * float(np.log(warp)) ** 2
 
@@ -648,6 +683,7 @@ class _Budget:
         self.clock, self.t0, self.budget, self.max_evals = clock, t0, budget_s, max_evals
         self.evals = 0
         self.per_eval: float | None = None
+        self.cut = False  # refused for time, not for the count or a stop request
 
     def exhausted(self) -> bool:
         if self.clock.stop():
@@ -655,15 +691,16 @@ class _Budget:
         if self.max_evals is not None and self.evals >= self.max_evals:
             return True
         elapsed = self.clock.now() - self.t0
-        return elapsed + (self.per_eval or 0.0) > self.budget
+        self.cut = elapsed + (self.per_eval or 0.0) > self.budget
+        return self.cut
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """fn() if the budget allows one more evaluation, else None."""
         if self.exhausted():
             return None
-        e0 = time.perf_counter()
+        e0 = self.clock.now()
         out = fn()
-        took = time.perf_counter() - e0
+        took = self.clock.now() - e0
         self.per_eval = took if self.per_eval is None else 0.7 * self.per_eval + 0.3 * took
         self.evals += 1
         return out
@@ -690,4 +727,4 @@ def _unit_rows(m: np.ndarray) -> np.ndarray:
     return m / (np.linalg.norm(m, axis=-1, keepdims=True) + 1e-12)
 
 
-__all__ = ["CALIBRATION_TEXTS", "CMAES", "StyleFitter", "blend_weights", "resample_24k_to_16k"]
+__all__ = ["CALIBRATION_TEXTS", "CMAES", "StyleFitter", "blend_weights", "resample_24k_to_16k", "work_for_budget"]
