@@ -61,12 +61,19 @@ TESTDATA = Path(os.environ.get("VOICED_TESTDATA") or Path(__file__).resolve().pa
 
 
 def _best_of(fn, n: int = 3) -> float:
-    times = []
+    return _best_of_each([fn], n)[0]
+
+
+def _best_of_each(fns, n: int) -> list[float]:
+    """Fastest of ``n`` runs of each function, the runs interleaved so that drift in the machine's
+    speed (clock, neighbours) during the measurement weighs on each alike."""
+    times = [[] for _ in fns]
     for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
 
 
 def _words(text: str) -> list[str]:
@@ -140,8 +147,7 @@ def main() -> int:
         feeds["pitch"] = np.ones(1, np.float32)
     audio = engine.synthesize_all(RTF_TEXT, voice)
     dur = len(audio) / engine.sample_rate
-    t_bare = _best_of(lambda: engine._session.run(None, feeds))
-    t_eng = _best_of(lambda: engine.synthesize_all(RTF_TEXT, voice))
+    t_bare, t_eng = _best_of_each([lambda: engine._session.run(None, feeds), lambda: engine.synthesize_all(RTF_TEXT, voice)], 7)
     print(f"RTF ({dur:.1f} s audio, {len(tokens)} tokens): engine {t_eng / dur:.3f}, bare onnxruntime {t_bare / dur:.3f} "
           f"(front end + overhead {1000 * (t_eng - t_bare):.0f} ms)")
 
