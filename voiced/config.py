@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -325,6 +326,8 @@ def _check_values(obj: Any, section: str, where: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"[{section}] {f.name}"
+        if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan and inf
+            raise ConfigError(f"{where}: {key}: must be a finite number, got {value}")
         if isinstance(value, float) and f.name.endswith("_s") and value < 0:
             raise ConfigError(f"{where}: {key}: must not be negative, got {value}")
     if section == "voices":
