@@ -167,3 +167,10 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_duration_s" in lines[0] and str(bad) in lines[0]
+
+    # engine options are checked too (the engine is built, not loaded)
+    bad.write_text(f"[voices]\ndir = '{voices}'\n[engine]\noptions = {{ threads = -1 }}\n")
+    result = _run_cli("check-config", "--config", str(bad))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[engine] options: threads must be a whole number" in lines[0] and str(bad) in lines[0]

@@ -316,6 +316,27 @@ def test_startup_and_shutdown() -> None:
 # ---------------------------------------------------------------------- host: engines
 
 
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"bogus": 1}, "unexpected keyword argument 'bogus'"),
+        ({"threads": "x"}, "threads must be a whole number from 0 to 256, got 'x'"),
+        ({"threads": -3}, "threads must be a whole number from 0 to 256, got -3"),
+        ({"threads": 2.5}, "threads must be a whole number from 0 to 256, got 2.5"),
+        ({"max_chars": 0}, "max_chars must be a whole number >= 1, got 0"),
+        ({"max_chars": True}, "max_chars must be a whole number >= 1, got True"),
+        ({"default_voice": "nobody"}, "default_voice: unknown base voice 'nobody'"),
+    ],
+)
+def test_bad_kokoro_options_name_the_option(tmp_path: Path, options: dict, fragment: str) -> None:
+    """Caught when the daemon builds the engine, before any model is loaded; the real engine class."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ConfigError, match=r"\[engine\] options: ") as info:
+        host().create_engine(SimpleNamespace(name="kokoro", options=options, device="cpu"), tmp_path, encoder=None)
+    assert fragment in str(info.value)
+
+
 def test_builtin_engine_registers_and_others_can_add_engines(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

@@ -99,6 +99,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
+    # the plugins and the engine's options as well: what `serve` would otherwise only refuse after
+    # loading the speaker encoder (the engine is built, no model is loaded)
+    from voiced.daemon import create_engine
+
+    create_engine(config, encoder=None)
     if args.json:
         print(json.dumps({"source": str(config.source) if config.source else None, **to_dict(config)}, indent=2))
     else:

@@ -35,7 +35,7 @@ from voiced.watcher import FolderWatcher
 log = logging.getLogger(__name__)
 
 
-def create_engine(config: Config, encoder: SpeakerEncoder, plugins: PluginHost | None = None) -> Engine:
+def create_engine(config: Config, encoder: SpeakerEncoder | None, plugins: PluginHost | None = None) -> Engine:
     """The configured engine (registered by a plugin; built-in: kokoro), constructed but not loaded."""
     plugins = plugins or PluginHost(config.plugins, source=config.source)
     return plugins.create_engine(config.engine, config.cache.dir, encoder)

@@ -47,6 +47,7 @@ import numpy as np
 import pluggy
 
 from voiced import hookspecs
+from voiced.engines.base import ParamError
 from voiced.errors import ConfigError, VoicedError
 from voiced.config import coerce_value
 from voiced.hookspecs import EngineContext, EngineFactory
@@ -463,7 +464,7 @@ class PluginHost:
         )
         try:
             return factories[name](context)
-        except TypeError as exc:
+        except (TypeError, ParamError) as exc:  # an unknown option, or a bad value for one
             raise ConfigError(f"{self.where}: [engine] options: {exc}") from None
 
     def preprocess_text(self, text: str, voice: str, params: Mapping[str, Any]) -> str:

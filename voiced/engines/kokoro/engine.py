@@ -32,6 +32,7 @@ SAMPLE_RATE = 24_000
 STYLE_DIM = 256
 MAX_TOKENS = 510  # model context is 512 including the two pad tokens
 DEFAULT_MAX_CHARS = 100_000
+MAX_THREADS = 256  # onnxruntime intra-op threads; more is a typo, not a machine
 DEFAULT_VOICE = "jf_alpha"
 # Bump the suffix whenever the text front end or the voice post-processing changes what a cache
 # entry would hold; fitting.FIT_VERSION (also in ``version``) covers changes to the fit itself.
@@ -65,6 +66,13 @@ def split_phonemes(ps: str, limit: int = MAX_TOKENS) -> list[str]:
     if rest:
         pieces.append(rest)
     return [p for p in pieces if p]
+
+
+def _whole_number(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ParamError(f"{name} must be a whole number {bounds}, got {value!r}")
+    return value
 
 
 def _resolve_providers(device: str) -> tuple[list[Any], str]:
@@ -113,17 +121,23 @@ class KokoroEngine(Engine):
         encoder: Any = None,
         default_voice: str = DEFAULT_VOICE,
     ) -> None:
-        """``cache_dir`` receives the joined model; ``encoder`` is a SpeakerEncoder (for cloning)."""
+        """``cache_dir`` receives the joined model; ``encoder`` is a SpeakerEncoder (for cloning).
+
+        ``max_chars``, ``threads`` (0 or None: onnxruntime's default) and ``default_voice`` are the
+        ``[engine] options`` of the daemon's config; a bad value raises ParamError naming it.
+        """
         self.cache_dir = Path(cache_dir)
-        self.max_chars = int(max_chars)
-        self.threads = threads
+        self.max_chars = _whole_number("max_chars", max_chars, 1)
+        self.threads = None if threads is None else _whole_number("threads", threads, 0, MAX_THREADS)
+        if not isinstance(default_voice, str):
+            raise ParamError(f"default_voice must be a base voice's name, got {default_voice!r}")
         self.default_voice = default_voice
         self._encoder = encoder
         self._files = weights.locate()
         self.vocab = weights.load_vocab(self._files)
         self.voices = weights.load_voices(self._files)
         if default_voice not in self.voices:
-            raise EngineError(f"unknown base voice {default_voice!r}; have {sorted(self.voices)}")
+            raise ParamError(f"default_voice: unknown base voice {default_voice!r}; have {sorted(self.voices)}")
         self.device = "unloaded"
         self.pitch_control = False
         self._warned_no_pitch = False
