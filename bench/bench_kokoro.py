@@ -191,9 +191,10 @@ def main() -> int:
         recognise = None
         print("WER skipped: pip install pocketsphinx")
 
-    def wer_of(cond) -> tuple[float, float]:
-        """(WER on all of WER_TEXTS, WER on SIM_TEXTS alone)."""
-        counts = [wer(text, recognise(resample_24k_to_16k(engine.synthesize_all(text, cond)))) for text in WER_TEXTS]
+    def wer_of(cond, sim_audio: list[np.ndarray]) -> tuple[float, float]:
+        """(WER on all of WER_TEXTS, WER on SIM_TEXTS alone); ``sim_audio``: the similarity's outputs."""
+        audio = [*sim_audio, *(engine.synthesize_all(text, cond) for text in WER_TEXTS[len(SIM_TEXTS):])]
+        counts = [wer(text, recognise(resample_24k_to_16k(a))) for text, a in zip(WER_TEXTS, audio)]
         sim = counts[: len(SIM_TEXTS)]
         return sum(e for e, _ in counts) / sum(n for _, n in counts), sum(e for e, _ in sim) / sum(n for _, n in sim)
 
@@ -217,11 +218,13 @@ def main() -> int:
         cross: dict[str, float] = {}
         whole: dict[str, float] = {}
         lengths: dict[str, list[int]] = {}
+        spoken: dict[str, list[np.ndarray]] = {}  # SIM_TEXTS' audio per label: the WER is taken on the same outputs
 
         def sim_of(cond, label: str | None = None) -> float:
             audio = [engine.synthesize_all(text, cond) for text in SIM_TEXTS]
             outs = [fitter.embed_audio(a) for a in audio]
             if label is not None:
+                spoken[label] = audio
                 lengths[label] = [len(a) for a in audio]
                 whole[label] = cosine(fitter.embed_audio(np.concatenate(audio)), emb)
                 if emb_b is not None:
@@ -235,8 +238,9 @@ def main() -> int:
         sims = {"stock": stock_sims[stock_name], "quick": sim_of(quick, "quick"), "refined": sim_of(refined, "refined")}
         wers = {}
         if recognise is not None:
-            for label, cond in (("stock", engine.base_conditioning(stock_name)), ("quick", quick), ("refined", refined)):
-                wers[label] = wer_of(cond)
+            for label, cond, key in (("stock", engine.base_conditioning(stock_name), stock_name), ("quick", quick, "quick"),
+                                     ("refined", refined, "refined")):
+                wers[label] = wer_of(cond, spoken[key])
         warp = float(np.asarray(refined["warp"]).reshape(-1)[0]) if "warp" in refined else 1.0
         pitch = float(np.asarray(refined["pitch"]).reshape(-1)[0]) if "pitch" in refined else 1.0
         eq = np.asarray(refined["eq"]) if "eq" in refined else np.zeros(1)
