@@ -439,7 +439,7 @@ def test_refined_is_deterministic_and_not_worse(engine, allison, monkeypatch, ca
     def machine_slower_by(factor: float) -> None:  # the fit's clock runs that much faster
         monkeypatch.setattr(fitting._Clock, "now", lambda self: factor * time.perf_counter() - self.paused)
 
-    machine_slower_by(2.5)  # within the time cap (3 budgets): the same work, the same voice
+    machine_slower_by(1.5)  # within the time cap (3 budgets): the same work, the same voice
     b = engine.fitter().refine(emb, previous=quick, budget_s=budget)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert b.meta == a.meta

@@ -406,8 +406,8 @@ class StyleFitter:
         evals, eq_steps = work_for_budget(budget, tune)
         if max_evals is not None:
             evals = max_evals
-        cap = budget * TIME_CAP_FACTOR
-        state = _Budget(clock, t0, cap * (1 - EQ_SHARE) if tune else cap, evals)
+        cap = budget * TIME_CAP_FACTOR  # one cap for the whole fit: a slow search may use the tuning's share
+        state = _Budget(clock, t0, cap, evals)
         if method not in ("jacobian", "cmaes"):
             raise EngineError(f"unknown refine method {method!r}")
         start = self._previous_point(previous)
