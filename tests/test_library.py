@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -178,6 +179,59 @@ def test_subfolders_name_voices_by_relative_path(folder: Folder, clips: dict[str
     voice = folder.wait_state("fr/june", "ready")
     assert voice["file"] == "fr/june.wav"
 
+
+
+def test_names_that_are_not_utf8_are_left_out_with_a_warning(
+    folder: Folder, clips: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Latin-1 name (bytes that are not UTF-8) can be neither indexed nor sent in a reply:
+    it is ignored with one warning, at start-up and while running, and nothing else suffers."""
+    import json
+
+    def latin1(name: str) -> Path:
+        return folder.voices / os.fsdecode(name.encode("latin-1"))
+
+    copy(clips["june_a"], latin1("rené-old.wav"))  # there before the start
+    copy(clips["carlo_a"], folder.voices / "carlo.wav")
+    folder.start()
+    folder.wait_state("carlo", "ready")
+    copy(clips["june_b"], latin1("rené-new.wav"))  # arrives while watched
+    os.rename(folder.voices / "carlo.wav", latin1("carló.wav"))  # a known file renamed to one
+    folder.wait_gone("carlo")
+    copy(clips["allison_a"], folder.voices / "after.wav")
+    folder.wait_state("after", "ready")
+    assert folder.library is not None
+    voices = folder.library.voices()
+    assert [v["name"] for v in voices] == ["after"]
+    json.dumps(voices, ensure_ascii=False).encode("utf-8")  # what a reply does
+    folder.stop()
+    folder.start()  # and again at start-up, with all three there
+    folder.wait_state("after", "ready")
+    assert [v["name"] for v in folder.library.voices()] == ["after"]
+    warned = [r.getMessage() for r in caplog.records if "not valid UTF-8" in r.getMessage()]
+    for shown in ("ren\\xe9-old.wav", "ren\\xe9-new.wav", "carl\\xf3.wav"):
+        assert len([m for m in warned if shown in m]) == 2, warned  # once per start
+
+
+def test_names_match_in_any_unicode_form(folder: Folder, clips: dict[str, Path]) -> None:
+    """A file named on macOS (decomposed accents, NFD) answers to the name as typed (NFC)."""
+    nfc, nfd = unicodedata.normalize("NFC", "Renée"), unicodedata.normalize("NFD", "Renée")
+    assert nfc != nfd
+    folder.start()
+    copy(clips["june_a"], folder.voices / f"{nfd}.wav")
+    voice = folder.wait_state(nfc, "ready")
+    assert voice["file"] == f"{nfd}.wav"  # the file keeps its own name
+    assert folder.library is not None
+    for typed in (nfc, nfd):
+        found = folder.library.get(typed)
+        assert found is not None and found.path == f"{nfd}.wav"
+    # the same name in the other form is a second file claiming it
+    copy(clips["allison_a"], folder.voices / f"{nfc}.flac")
+    assert folder.library.wait_for(
+        lambda: any(v["file"] == f"{nfc}.flac" and v["state"] == "failed" for v in folder.library.voices()), TIMEOUT
+    )
+    failed = [v for v in folder.library.voices() if v["file"] == f"{nfc}.flac"][0]
+    assert f"already taken by {nfd}.wav" in failed["error"]
 
 def test_rename_is_ready_again_without_preparing(folder: Folder, clips: dict[str, Path]) -> None:
     folder.start()

@@ -35,7 +35,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from voiced.config import VoicesConfig
-from voiced.library import Library, is_candidate
+from voiced.library import Library
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class FolderWatcher:
         elif isinstance(event, DirCreatedEvent):
             if src is not None:
                 self.library.sync_tree(src)
-        elif src is None or not is_candidate(src, self.config.extensions):
+        elif src is None or not self.library.accepts(src):
             return
         elif isinstance(event, FileClosedEvent):
             self._settle.discard(src)

@@ -29,7 +29,7 @@ from voiced.config import VoicesConfig
 from voiced.embedding import audio_meta, embedding_kind
 from voiced.engines.base import Conditioning, Engine
 from voiced.errors import AudioError, CacheError
-from voiced.library.voice import Voice, VoiceState, is_candidate, voice_name
+from voiced.library.voice import Voice, VoiceState, is_candidate, normalize_name, undecodable, voice_name
 
 log = logging.getLogger(__name__)
 _PAUSE_POLL_S = 0.02  # how often a paused background stage looks whether requests are still waiting
@@ -116,6 +116,7 @@ class Library:
         self._unstorable: set[tuple[str, str, str]] = set()  # of those, the ones whose put failed
         self._unrecorded: dict[str, FileRecord] = {}  # file records the cache refused, by path
         self._external_demand: Callable[[], bool] = lambda: False
+        self._told_undecodable: set[str] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -124,9 +125,9 @@ class Library:
             return [v.to_dict() for v in sorted(self._voices.values(), key=lambda v: v.name)]
 
     def get(self, name: str) -> Voice | None:
-        """A copy of the voice called ``name`` (looked up, never joined onto a path)."""
+        """A copy of the voice called ``name`` (looked up, never joined onto a path; in any Unicode form)."""
         with self._lock:
-            path = self._owner_of_name.get(name)
+            path = self._owner_of_name.get(normalize_name(name))
             voice = self._voices.get(path) if path is not None else None
             return replace(voice) if voice else None
 
@@ -318,9 +319,22 @@ class Library:
         )
         return report, recent
 
+    def accepts(self, path: str) -> bool:
+        """Whether a relative path can be a voice (``is_candidate``); says once why a recording
+        whose name is not UTF-8 is left out."""
+        if is_candidate(path, self.config.extensions):
+            return True
+        if undecodable(path) and path not in self._told_undecodable:
+            fixed = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if is_candidate(fixed, self.config.extensions):
+                self._told_undecodable.add(path)
+                shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                log.warning("ignoring %s: its name is not valid UTF-8; rename the file", shown)
+        return False
+
     def sync_path(self, path: str) -> None:
         """Look at one relative path again: new, changed, or gone. Called once the file is complete."""
-        if not is_candidate(path, self.config.extensions):
+        if not self.accepts(path):
             return
         full = self.root / path
         try:
@@ -385,7 +399,7 @@ class Library:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
                         continue
-                    if not is_candidate(rel, self.config.extensions):
+                    if not self.accepts(rel):
                         continue
                     st = entry.stat(follow_symlinks=False)
                     if statmod.S_ISLNK(st.st_mode) and self.config.follow_symlinks:

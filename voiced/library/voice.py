@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -59,13 +60,35 @@ class Voice:
 
 
 def voice_name(rel_path: str) -> str:
-    """A voice's name: its relative path without the extension (``en/alice.wav`` -> ``en/alice``)."""
+    """A voice's name: its relative path without the extension (``en/alice.wav`` -> ``en/alice``).
+
+    In Unicode NFC, the form keyboards type: a file named on macOS (or copied from there) has
+    its accents decomposed (NFD), and ``Renée`` typed by a client would not find it.
+    """
     path = PurePosixPath(rel_path)
-    return str(path.with_suffix("")) if path.suffix else str(path)
+    return normalize_name(str(path.with_suffix("")) if path.suffix else str(path))
+
+
+def undecodable(rel_path: str) -> bool:
+    """Whether a path's bytes are not UTF-8 (Python holds them as lone surrogates): such a name
+    can be neither stored in the cache's index nor sent in a reply."""
+    try:
+        rel_path.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def normalize_name(name: str) -> str:
+    """The form voice names are compared in (NFC)."""
+    return unicodedata.normalize("NFC", name)
 
 
 def is_candidate(rel_path: str, extensions: tuple[str, ...]) -> bool:
-    """Whether a relative path can be a reference recording (not hidden, not temporary, audio extension)."""
+    """Whether a relative path can be a reference recording (not hidden, not temporary, audio
+    extension, a name that is text: see ``undecodable``)."""
+    if undecodable(rel_path):
+        return False
     parts = PurePosixPath(rel_path).parts
     if not parts or any(part.startswith((".", "#")) for part in parts):
         return False
