@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -173,6 +174,30 @@ def test_failed_voice_is_reported(daemon: DaemonProcess) -> None:
         client.synthesize("Hello.", voice="broken")
     assert info.value.code == "voice_failed"
     assert voice["error"] in info.value.message
+
+
+def test_file_names_as_users_write_them(
+    daemon: DaemonProcess, clips: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accents as macOS writes them, wide characters, a terminal escape: listed safely, found as typed."""
+    from voiced import cli
+
+    nfd = unicodedata.normalize("NFD", "Renée")
+    shutil.copyfile(clips["june_a"], daemon.voices / f"{nfd}.wav")
+    shutil.copyfile(clips["carlo_a"], daemon.voices / "声.wav")
+    shutil.copyfile(clips["allison_b"], daemon.voices / "evil\x1b[2J.flac")
+    for name in ("Renée", "声", "evil\x1b[2J"):
+        daemon.wait_ready(name)
+    capsys.readouterr()
+    assert cli.main(["voices", "--endpoint", daemon.tcp]) == 0
+    rows = {line.split("  ")[0].rstrip(): line for line in capsys.readouterr().out.splitlines()}
+    assert "\x1b" not in "".join(rows) and "evil\\x1b[2J" in rows
+    # the state column lines up: a wide character takes two terminal columns
+    column = {name: rows[name].index("ready") for name in ("Renée", "evil\\x1b[2J")}
+    assert column["Renée"] == column["evil\\x1b[2J"] == rows["声"].index("ready") + 1
+    out = daemon.root / "renee.wav"
+    assert cli.main(["say", "Hello.", "--voice", "Renée", "-o", str(out), "--endpoint", daemon.tcp]) == 0
+    assert sf.info(out).frames > 0
 
 
 # ---------------------------------------------------------------------------- synthesis

@@ -18,6 +18,7 @@ try:
     1 / 0
 except ZeroDivisionError:
     log.exception("failed")
+log.info("voice ready: %s", "evil\\x1b[2J\\u202ename\\rFAKE")  # a file name may hold anything
 """
 
 
@@ -35,15 +36,16 @@ def run(tmp_path: Path, journal: bool) -> list[str]:
 
 def test_journal_format_when_stderr_is_the_journal(tmp_path: Path) -> None:
     lines = run(tmp_path, journal=True)
-    assert len(lines) == 3, lines  # one event per line, tracebacks folded in
+    assert len(lines) == 4, lines  # one event per line, tracebacks folded in
     assert lines[0] == "<6>voiced.test: voice ready: alice"
     assert lines[1] == "<4>voiced.test: two\\nlines"
     assert lines[2].startswith("<3>voiced.test: failed\\nTraceback") and "ZeroDivisionError" in lines[2]
+    assert lines[3] == "<6>voiced.test: voice ready: evil\\x1b[2J\\u202ename\\rFAKE"  # escaped, not obeyed
 
 
 def test_text_format_on_a_terminal_or_file(tmp_path: Path) -> None:
     lines = run(tmp_path, journal=False)
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     assert " INFO voiced.test: voice ready: alice" in lines[0]
     assert lines[0][:4].isdigit()  # a timestamp of our own where nothing adds one
     assert " ERROR voiced.test: failed\\nTraceback" in lines[2]

@@ -10,13 +10,14 @@ import argparse
 import json
 import logging
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
 
 from voiced import __version__
 from voiced.config import Config, load_config, to_dict, to_toml
 from voiced.errors import VoicedError
-from voiced.logsetup import setup_logging
+from voiced.logsetup import one_line, setup_logging
 
 log = logging.getLogger("voiced")
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VoicedError as exc:
-        print(f"voiced: {exc}", file=sys.stderr)
+        print(f"voiced: {one_line(str(exc))}", file=sys.stderr)  # its text may come from the daemon
         return 1
     except KeyboardInterrupt:
         return 130
@@ -206,13 +207,19 @@ def cmd_voices(args: argparse.Namespace) -> int:
         return 0
     if not voices:
         print("no voices (drop recordings into the voices folder)")
-    width = max((len(v["name"]) for v in voices), default=0)
-    for v in voices:
+    names = [one_line(v["name"]) for v in voices]
+    width = max((_columns(n) for n in names), default=0)
+    for name, v in zip(names, voices):
         state = v["state"] + (f"/{v['stage']}" if v.get("stage") else "")
         duration = f"{v['duration_s']:.1f}s" if v.get("duration_s") is not None else "-"
-        extra = v.get("error") or v.get("note") or ""
-        print(f"{v['name']:<{width}}  {state:<16} {duration:>7}  {extra}".rstrip())
+        extra = one_line(v.get("error") or v.get("note") or "")
+        print(f"{name}{' ' * (width - _columns(name))}  {state:<16} {duration:>7}  {extra}".rstrip())
     return 0
+
+
+def _columns(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (CJK) characters two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 _SUFFIX_FORMATS = {".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".oga": "ogg", ".mp3": "mp3",

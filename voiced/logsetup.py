@@ -10,19 +10,29 @@ import sys
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    A traceback folds onto its event's line, and a voice file named with a newline, a terminal
+    escape or a bidi override can neither forge a log line nor drive the terminal showing it.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class JournalFormatter(logging.Formatter):
-    """No timestamp (journald adds its own), the level as a syslog prefix, newlines escaped."""
+    """No timestamp (journald adds its own), the level as a syslog prefix, one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record).replace("\n", "\\n")
-        return f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{one_line(super().format(record))}"
 
 
 class OneLineFormatter(logging.Formatter):
     """Tracebacks folded onto the event's line, so one event stays one line for log tools."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\\n")
+        return one_line(super().format(record))
 
 
 def under_journal() -> bool:
