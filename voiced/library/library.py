@@ -325,10 +325,9 @@ class Library:
         if is_candidate(path, self.config.extensions):
             return True
         if undecodable(path) and path not in self._told_undecodable:
-            fixed = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            if is_candidate(fixed, self.config.extensions):
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            if is_candidate(shown, self.config.extensions):  # an audio file, not one ignored anyway
                 self._told_undecodable.add(path)
-                shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                 log.warning("ignoring %s: its name is not valid UTF-8; rename the file", shown)
         return False
 
