@@ -218,6 +218,50 @@ def test_synthesize_wav(daemon: DaemonProcess, speaker: str) -> None:
     assert len(long_audio) > 2 * len(audio)
 
 
+def test_say_command_writes_a_whole_file_or_none(
+    daemon: DaemonProcess, speaker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from voiced import cli
+
+    def say(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = cli.main(["say", *argv, "--endpoint", daemon.tcp])
+        return code, capsys.readouterr().err
+
+    out = tmp_path / "hello.flac"
+    code, err = say("Hello there.", "--voice", speaker, "-o", str(out))
+    assert code == 0 and f"{out}: " in err and "of flac at 24000 Hz" in err
+    assert sf.info(out).format == "FLAC" and sf.info(out).frames > 0
+    failures = {
+        ("Hello.", "--voice", "nobody", "-o", str(tmp_path / "a.wav")): "voice_not_found",
+        ("", "--voice", speaker, "-o", str(tmp_path / "b.wav")): "bad_request",
+        ("Hello.", "--voice", speaker, "-o", str(tmp_path)): "is a folder",
+        ("Hello.", "--voice", speaker, "-o", str(tmp_path / "missing" / "c.wav")): "cannot write",
+    }
+    for argv, expected in failures.items():
+        code, err = say(*argv)
+        assert code == 1 and expected in err and len(err.splitlines()) == 1, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hello.flac"]  # no half files left behind
+
+
+def test_say_to_a_player_that_quits_early(daemon: DaemonProcess, speaker: str) -> None:
+    """``voiced say -o - | head -c 100``: the reader closes the pipe; no traceback."""
+    import subprocess
+    import sys
+
+    text = "One sentence goes first. Then another follows it. And a third one closes the text."
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voiced", "say", text, "--voice", speaker, "--stream", "--format", "pcm_s16le",
+         "-o", "-", "--endpoint", daemon.tcp],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert len(proc.stdout.read(100)) == 100
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
 @pytest.mark.parametrize("fmt", ["flac", "ogg", "mp3", "pcm_s16le", "pcm_f32le"])
 def test_formats_and_resampling(daemon: DaemonProcess, speaker: str, fmt: str) -> None:
     with daemon.client() as client:

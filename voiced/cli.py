@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import unicodedata
 from pathlib import Path
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader quit early (| head, a player closed): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor a second error at exit
+        return 141
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -161,8 +165,6 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    import os
-
     import zmq.auth
 
     name = args.name
@@ -230,41 +232,47 @@ def cmd_say(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     output = args.output or "say.wav"
     fmt = args.format or _SUFFIX_FORMATS.get(Path(output).suffix.lower(), "wav")
-    params = {"speed": args.speed} if args.speed is not None else None
-    to_stdout = output == "-"
-    sink = sys.stdout.buffer if to_stdout else None
-    tmp = None if to_stdout else Path(output).with_name(f".{Path(output).name}.part")
-    with _client(args) as client:
-        try:
-            if sink is None:
-                assert tmp is not None
-                sink = open(tmp, "wb")
-            if args.stream:
-                if fmt not in ("pcm_s16le", "pcm_f32le", "ogg"):
-                    raise VoicedError(f"--stream needs --format pcm_s16le, pcm_f32le or ogg, not {fmt}")
-                header: dict[str, Any] = {}
-                for chunk in client.stream(text, args.voice, format=fmt, params=params,
-                                           sample_rate=args.sample_rate, wait_s=args.wait):
-                    sink.write(chunk.audio)
-                    sink.flush()
-                    header = chunk.header
-            else:
-                reply = client.synthesize(text, args.voice, format=fmt, params=params,
-                                          sample_rate=args.sample_rate, wait_s=args.wait)
-                sink.write(reply.audio)
-                header = reply.header
-        finally:
-            if sink is not None and not to_stdout:
-                sink.close()
-    if tmp is not None:
-        tmp.replace(output)  # a finished file or none, never half a file
-        stage = header.get("voice", {}).get("stage")
-        print(
-            f"{output}: {header.get('duration_s', 0):.2f}s of {fmt} at {header.get('sample_rate')} Hz, "
-            f"voice {args.voice}{f' ({stage})' if stage else ''}",
-            file=sys.stderr,
-        )
+    if args.stream and fmt not in ("pcm_s16le", "pcm_f32le", "ogg"):
+        raise VoicedError(f"--stream needs --format pcm_s16le, pcm_f32le or ogg, not {fmt}")
+    if output == "-":
+        _say_into(args, text, fmt, sys.stdout.buffer)
+        return 0
+    if Path(output).is_dir():
+        raise VoicedError(f"{output} is a folder: give a file name, e.g. -o {Path(output) / 'say.wav'}")
+    tmp = Path(output).with_name(f".{Path(output).name}.part")  # a finished file or none, never half a file
+    try:
+        with open(tmp, "wb") as sink:
+            header = _say_into(args, text, fmt, sink)
+        tmp.replace(output)
+    except OSError as exc:  # the file's: the client's own failures are VoicedErrors
+        raise VoicedError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    stage = header.get("voice", {}).get("stage")
+    print(
+        f"{output}: {header.get('duration_s', 0):.2f}s of {fmt} at {header.get('sample_rate')} Hz, "
+        f"voice {one_line(args.voice)}{f' ({stage})' if stage else ''}",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _say_into(args: argparse.Namespace, text: str, fmt: str, sink: Any) -> dict[str, Any]:
+    """Send the request, write the audio to ``sink`` as it comes; the (last) reply header."""
+    params = {"speed": args.speed} if args.speed is not None else None
+    with _client(args) as client:
+        if not args.stream:
+            reply = client.synthesize(text, args.voice, format=fmt, params=params,
+                                      sample_rate=args.sample_rate, wait_s=args.wait)
+            sink.write(reply.audio)
+            return reply.header
+        header: dict[str, Any] = {}
+        for chunk in client.stream(text, args.voice, format=fmt, params=params,
+                                   sample_rate=args.sample_rate, wait_s=args.wait):
+            sink.write(chunk.audio)
+            sink.flush()
+            header = chunk.header
+        return header
 
 
 def cmd_status(args: argparse.Namespace) -> int:
