@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -113,6 +114,32 @@ def test_ipc_is_local_and_protected_by_permissions(daemon: Secured) -> None:
     assert stat.S_IMODE(daemon.ipc_path.parent.stat().st_mode) == 0o750
     with Client(f"ipc://{daemon.ipc_path}", timeout_s=10) as client:
         assert client.ping()["protocol"] == 1
+
+
+def test_ipc_path_in_use_or_not_a_socket_is_refused(daemon: Secured, tmp_path: Path) -> None:
+    """A second daemon on the first one's ipc path would take its socket; a file there would be
+    deleted. Both are refused; a socket left by a dead process is taken over."""
+    from voiced.security import prepare_ipc
+
+    with pytest.raises(VoicedError, match="another process .* is listening"):
+        prepare_ipc(f"ipc://{daemon.ipc_path}")
+    config = write_config(tmp_path, f'endpoints = ["ipc://{daemon.ipc_path}"]')
+    result = voiced("serve", "--config", str(config))
+    assert result.returncode == 1 and "is listening on it" in result.stderr.strip().splitlines()[-1]
+    with Client(f"ipc://{daemon.ipc_path}", timeout_s=10) as client:  # the first one still answers
+        assert client.ping()["protocol"] == 1
+
+    kept = tmp_path / "notes.txt"
+    kept.write_text("mine")
+    with pytest.raises(VoicedError, match="exists and is not a socket"):
+        prepare_ipc(f"ipc://{kept}")
+    assert kept.read_text() == "mine"
+
+    stale = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()  # the file stays, nobody listens
+    assert prepare_ipc(f"ipc://{stale}") == stale
 
 
 def test_cli_options_and_environment(daemon: Secured) -> None:

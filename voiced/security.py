@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,7 @@ def prepare_ipc(endpoint: str) -> Path | None:
     if not path_text or path_text.startswith("@") or path_text == "*":
         return None  # abstract namespace or a generated name: no file to protect
     path = Path(path_text)
+    _check_ipc_free(endpoint, path)
     parent = path.parent
     if not parent.exists():
         try:
@@ -178,6 +180,32 @@ def prepare_ipc(endpoint: str) -> Path | None:
         except OSError as exc:
             raise VoicedError(f"cannot create the folder of {endpoint}: {exc.strerror or exc}") from None
     return path
+
+
+def _check_ipc_free(endpoint: str, path: Path) -> None:
+    """Refuse a path another process listens on, or a file that is not a socket.
+
+    Binding an ipc endpoint replaces whatever file is at its path: a second daemon started by
+    mistake would take the first one's socket (which stays running, unreachable), and a
+    mistyped path would delete a file.
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise VoicedError(f"cannot use {endpoint}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise VoicedError(f"cannot bind {endpoint}: {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        return  # nobody listens: a socket left by a process that died; binding replaces it
+    finally:
+        probe.close()
+    raise VoicedError(f"cannot bind {endpoint}: another process (a running voiced?) is listening on it")
 
 
 def protect_ipc(path: Path, group: str = "") -> None:
