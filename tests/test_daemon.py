@@ -23,8 +23,8 @@ import soundfile as sf
 import zmq
 
 from voiced.cache import Cache, sha256_file
-from voiced.client import Client, RequestError
-from voiced.testing import DaemonProcess
+from voiced.client import Client, ClientTimeout, RequestError
+from voiced.testing import DaemonProcess, free_port
 
 
 
@@ -464,6 +464,13 @@ def test_extra_frames_and_oversized_messages(daemon: DaemonProcess) -> None:
     big.close(0)
     with daemon.client() as client:
         assert client.ping()["protocol"] == 1
+    # through the client: the wait for an answer that cannot come ends saying why
+    with Client(daemon.tcp, timeout_s=2) as client, pytest.raises(ClientTimeout, match="max_message_bytes"):
+        client.synthesize("Hello. " * 200_000, voice="anyone")
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    with Client(nobody, timeout_s=0.5) as client, pytest.raises(ClientTimeout) as info:
+        client.synthesize("Hello.", voice="anyone")  # a timeout on a small request has no such hint
+    assert "max_message_bytes" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------- signals

@@ -28,6 +28,9 @@ import zmq
 from voiced.errors import VoicedError
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5599"
+# The daemon's default [server] max_message_bytes. A larger message is dropped by its socket
+# without an answer, so a timeout on one says so.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 
 
 class RequestError(VoicedError):
@@ -92,6 +95,7 @@ class Client:
         self._prefix = f"{os.getpid():x}-{id(self):x}-"
         # replies that arrived for other requests still awaited on this socket
         self._pending: set[str] = set()
+        self._oversized: dict[str, int] = {}  # request id -> bytes, over DEFAULT_MAX_MESSAGE_BYTES
         self._early: dict[str, list[Reply | RequestError]] = {}
 
     def close(self) -> None:
@@ -109,8 +113,11 @@ class Client:
         """Send one request; returns its id."""
         request_id = f"{self._prefix}{next(self._ids)}"
         body = {"op": op, "id": request_id, **{k: v for k, v in fields.items() if v is not None}}
-        self._socket.send(json.dumps(body).encode("utf-8"))
+        data = json.dumps(body).encode("utf-8")
+        self._socket.send(data)
         self._pending.add(request_id)
+        if len(data) > DEFAULT_MAX_MESSAGE_BYTES:
+            self._oversized[request_id] = len(data)
         return request_id
 
     def receive(self, request_id: str, timeout_s: float | None = None) -> Reply:
@@ -128,7 +135,11 @@ class Client:
             if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
                 self._pending.discard(request_id)
                 self._early.pop(request_id, None)
-                raise ClientTimeout(f"no answer from {self.endpoint} within {self.timeout_s:g}s")
+                size = self._oversized.pop(request_id, None)
+                hint = "" if size is None else (
+                    f"; the request was {size / 2**20:.1f} MiB, and a daemon drops a message over its "
+                    f"[server] max_message_bytes ({DEFAULT_MAX_MESSAGE_BYTES >> 20} MiB unless set) without answering")
+                raise ClientTimeout(f"no answer from {self.endpoint} within {self.timeout_s:g}s{hint}")
             parts = self._socket.recv_multipart()
             if parts and parts[0] == b"":
                 parts = parts[1:]
@@ -154,6 +165,7 @@ class Client:
         if header.get("final", True) or not header.get("ok", True):
             # the last message for this id (a plain reply, a stream's final one, or an error)
             self._pending.discard(request_id)
+            self._oversized.pop(request_id, None)
             if not self._early.get(request_id):
                 self._early.pop(request_id, None)
         if isinstance(outcome, RequestError):
