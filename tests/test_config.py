@@ -78,6 +78,8 @@ level = "debug"
         ("[voices]\nextensions = 'wav'\n", "[voices] extensions: expected list of string"),
         ("[cache]\nsize_limit_mb = true\n", "[cache] size_limit_mb: expected number, got bool"),
         ("[server]\nendpoints = ['http://x']\n", "[server] endpoints: 'http://x' is not tcp://"),
+        ("[server]\nendpoints = ['ipc:///tmp/v.sock', 'tcp://127.0.0.1:1', 'ipc:///tmp/v.sock']\n",
+         "[server] endpoints: 'ipc:///tmp/v.sock' is listed twice"),
         ("[server]\nqueue_size = 0\n", "[server] queue_size: must be positive"),
         ("[engine]\ndevice = 'gpu'\n", "[engine] device: must be auto, cpu, cuda or cuda:N"),
         ("[voices]\nobserver = 'fanotify'\n", "[voices] observer: must be one of auto, inotify, polling"),

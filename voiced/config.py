@@ -345,6 +345,9 @@ def _check_values(obj: Any, section: str, where: str) -> None:
         for endpoint in obj.endpoints:
             if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ConfigError(f"{where}: [server] endpoints: {endpoint!r} is not tcp://, ipc:// or inproc://")
+        twice = sorted({e for e in obj.endpoints if obj.endpoints.count(e) > 1})
+        if twice:
+            raise ConfigError(f"{where}: [server] endpoints: {twice[0]!r} is listed twice")
         for name in ("max_message_bytes", "max_text_chars", "max_json_depth", "queue_size"):
             if getattr(obj, name) <= 0:
                 raise ConfigError(f"{where}: [server] {name}: must be positive")
