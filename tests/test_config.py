@@ -107,6 +107,17 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.toml")
 
 
+def test_encodings_editors_write(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark and CRLF lines are read; Latin-1 text is one clear error."""
+    path = tmp_path / "voiced.toml"
+    path.write_bytes(b"\xef\xbb\xbf[log]\r\nlevel = 'warning'\r\n")
+    assert load_config(path).log.level == "warning"
+    path.write_bytes("[log]\n# r\u00e9glages\nlevel = 'warning'\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 0xe9 on line 2); TOML files are UTF-8"
+
+
 def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[log]\nlevel = 'warning'\n")
     monkeypatch.setenv("VOICED_CONFIG", str(path))

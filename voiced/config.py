@@ -208,11 +208,17 @@ def load_config(path: str | os.PathLike | None = None, *, check_dirs: bool = Tru
         return Config()
     try:
         with open(file, "rb") as fh:
-            raw = tomllib.load(fh)
+            data = fh.read()
+        # a byte-order mark, as Windows editors write one, is not part of the document
+        raw = tomllib.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{file}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{file}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                          "TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: invalid TOML: {exc}") from None
     return parse_config(raw, source=file, check_dirs=check_dirs)
