@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import unicodedata
@@ -22,6 +24,7 @@ import pytest
 import soundfile as sf
 import zmq
 
+from voiced import cli
 from voiced.cache import Cache, sha256_file
 from voiced.client import Client, ClientTimeout, RequestError
 from voiced.testing import DaemonProcess, free_port
@@ -180,8 +183,6 @@ def test_file_names_as_users_write_them(
     daemon: DaemonProcess, clips: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Accents as macOS writes them, wide characters, a terminal escape: listed safely, found as typed."""
-    from voiced import cli
-
     nfd = unicodedata.normalize("NFD", "Renée")
     shutil.copyfile(clips["june_a"], daemon.voices / f"{nfd}.wav")
     shutil.copyfile(clips["carlo_a"], daemon.voices / "声.wav")
@@ -221,8 +222,6 @@ def test_synthesize_wav(daemon: DaemonProcess, speaker: str) -> None:
 def test_say_command_writes_a_whole_file_or_none(
     daemon: DaemonProcess, speaker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from voiced import cli
-
     def say(*argv: str) -> tuple[int, str]:
         capsys.readouterr()
         code = cli.main(["say", *argv, "--endpoint", daemon.tcp])
@@ -246,9 +245,6 @@ def test_say_command_writes_a_whole_file_or_none(
 
 def test_say_to_a_player_that_quits_early(daemon: DaemonProcess, speaker: str) -> None:
     """``voiced say -o - | head -c 100``: the reader closes the pipe; no traceback."""
-    import subprocess
-    import sys
-
     text = "One sentence goes first. Then another follows it. And a third one closes the text."
     proc = subprocess.Popen(
         [sys.executable, "-m", "voiced", "say", text, "--voice", speaker, "--stream", "--format", "pcm_s16le",

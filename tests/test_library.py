@@ -7,6 +7,7 @@ with timeouts, never on fixed sleeps.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -186,8 +187,6 @@ def test_names_that_are_not_utf8_are_left_out_with_a_warning(
 ) -> None:
     """A Latin-1 name (bytes that are not UTF-8) can be neither indexed nor sent in a reply:
     it is ignored with one warning, at start-up and while running, and nothing else suffers."""
-    import json
-
     def latin1(name: str) -> Path:
         return folder.voices / os.fsdecode(name.encode("latin-1"))
 

@@ -21,7 +21,7 @@ import pytest
 from voiced.client import Client, ClientTimeout
 from voiced.config import load_config
 from voiced.errors import ConfigError, VoicedError
-from voiced.security import is_loopback
+from voiced.security import is_loopback, prepare_ipc
 from voiced.testing import DaemonProcess, free_port
 
 NO_ANSWER_S = 1.5
@@ -119,8 +119,6 @@ def test_ipc_is_local_and_protected_by_permissions(daemon: Secured) -> None:
 def test_ipc_path_in_use_or_not_a_socket_is_refused(daemon: Secured, tmp_path: Path) -> None:
     """A second daemon on the first one's ipc path would take its socket; a file there would be
     deleted. Both are refused; a socket left by a dead process is taken over."""
-    from voiced.security import prepare_ipc
-
     with pytest.raises(VoicedError, match="another process .* is listening"):
         prepare_ipc(f"ipc://{daemon.ipc_path}")
     config = write_config(tmp_path, f'endpoints = ["ipc://{daemon.ipc_path}"]')
