@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import zmq
 
+from voiced.client import Client
 from voiced.testing import DaemonProcess
 
 CLIENTS = 16
@@ -30,6 +31,15 @@ RSS_WINDOW = 10  # samples (seconds) taken together at each end of the measureme
 OPS = ("synthesize", "voices", "status", "ping")
 WEIGHTS = (0.1, 0.3, 0.3, 0.3)  # synthesis waits in line behind the others' (2 cores): ask for it less
 SPEAKERS = ("allison_a", "carlo_a", "june_a")
+# What the clients ask to hear. A fixed set, every one spoken once before the clients start: the
+# engine's working memory grows to fit the longest input it has run and is kept for reuse, so
+# texts that grew during the run ("... number 9." then "... number 123.") would read as growth
+# (+100 MiB over five minutes here) whatever the daemon leaked.
+TEXTS = (
+    "Hello there.",
+    "The train leaves at half past seven.",
+    "Please read the second paragraph again, slowly, so that everyone can follow it.",
+)
 
 
 class Tally:
@@ -78,7 +88,7 @@ def client_loop(endpoint: str, index: int, stop: threading.Event, measuring: thr
             request: dict[str, Any] = {"op": op, "id": f"c{index}-{n}"}
             if op == "synthesize":
                 request.update(voice=SPEAKERS[int(rng.integers(len(SPEAKERS)))].split("_")[0],
-                               text=f"Client {index} asks for number {n}.", format="pcm_s16le")
+                               text=TEXTS[int(rng.integers(len(TEXTS)))], format="pcm_s16le")
             started = time.perf_counter()
             sock.send(json.dumps(request).encode())
             with tally.lock:
@@ -126,6 +136,9 @@ def test_sixteen_clients_mixed_requests_while_files_change(
     daemon.start()
     for stem in SPEAKERS:
         daemon.wait_ready(stem.split("_")[0])
+    with Client(daemon.tcp, timeout_s=REPLY_TIMEOUT_S) as client:
+        for text in TEXTS:
+            assert len(client.synthesize(text, voice=SPEAKERS[0].split("_")[0], format="pcm_s16le").audio) > 1000
     assert daemon.proc is not None
     process = psutil.Process(daemon.proc.pid)
 
