@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
-from voiced.engines.kokoro.engine import MAX_TOKENS  # noqa: E402
+from voiced.engines.kokoro.engine import IDLE_RELEASE_S, MAX_TOKENS  # noqa: E402
 
 RTF_TEXT = ("The old lighthouse keeper climbed the stairs every evening, lit the great lamp, "
             "and watched the ships pass safely through the narrow channel below.")
@@ -169,6 +169,24 @@ def main() -> int:
     total = _best_of(lambda: list(engine.synthesize(THREE, voice, {})))
     print(f"three sentences: first chunk after {1000 * ttfc:.0f} ms, all after {1000 * total:.0f} ms")
     print(f"RSS: {proc.memory_info().rss / 2**20:.0f} MiB")
+    long_text = " ".join(["The quick brown fox jumps over the lazy dog by the river, then runs away"] * 4) + "."  # one sentence
+    engine.synthesize_all(long_text, voice)
+    grown = proc.memory_info().rss
+    t0 = time.perf_counter()
+    engine.release_memory()
+    print(f"RSS after a {len(engine.tokens(engine.phonemize(long_text)[0]))}-token input: {grown / 2**20:.0f} MiB; "
+          f"after release_memory ({1000 * (time.perf_counter() - t0):.0f} ms; the daemon calls it after "
+          f"{IDLE_RELEASE_S:.0f} s without synthesis): {proc.memory_info().rss / 2**20:.0f} MiB")
+
+    def after_release() -> None:
+        engine.release_memory()
+        t0 = time.perf_counter()
+        engine.synthesize_all(RTF_TEXT, voice)
+        times.append(time.perf_counter() - t0)
+
+    times: list[float] = []
+    _, t_warm = _best_of_each([after_release, lambda: engine.synthesize_all(RTF_TEXT, voice)], 5)
+    print(f"the RTF text right after a release {min(times):.3f} s, warm {t_warm:.3f} s (best of five each)")
 
     if args.no_fit:
         return 0

@@ -228,6 +228,41 @@ def test_same_input_same_audio(engine, voice):
     assert np.array_equal(a, b)
 
 
+def test_memory_grown_for_a_long_input_is_given_back(engine, voice):
+    import psutil
+
+    rss = psutil.Process().memory_info
+    short = engine.synthesize_all("Still the same voice.", voice)
+    engine.synthesize_all(" ".join(["The quick brown fox jumps over the lazy dog by the river, then runs away"] * 4), voice)
+    grown = rss().rss
+    engine.release_memory()
+    assert grown - rss().rss > 100 * 2**20, "onnxruntime kept the buffers of the 312-token input"
+    assert np.array_equal(engine.synthesize_all("Still the same voice.", voice), short)
+
+
+def test_idle_releases_once_after_the_quiet_period(engine, voice, monkeypatch):
+    from voiced.engines.kokoro import engine as kokoro_engine
+
+    real_release, released = engine.release_memory, []
+
+    def release() -> None:
+        released.append(time.monotonic())
+        real_release()
+
+    monkeypatch.setattr(engine, "release_memory", release)
+    engine.synthesize_all("Busy.", voice)
+    monkeypatch.setattr(kokoro_engine, "IDLE_RELEASE_S", 3600.0)
+    engine.idle()
+    assert released == []  # a call ran within the quiet period
+    monkeypatch.setattr(kokoro_engine, "IDLE_RELEASE_S", 0.0)
+    engine.idle()
+    engine.idle()
+    assert len(released) == 1  # once: no call ran since
+    engine.synthesize_all("Busy again.", voice)
+    engine.idle()
+    assert len(released) == 2
+
+
 def test_speed_changes_duration(engine, voice):
     slow = engine.synthesize_all("Speed it up a little.", voice, {"speed": 0.7})
     fast = engine.synthesize_all("Speed it up a little.", voice, {"speed": 1.6})

@@ -143,14 +143,23 @@ class Daemon:
         self._reload.set()
 
     def run_forever(self) -> None:
-        """Block until asked to stop; meanwhile reload on request, collect garbage, update STATUS=."""
+        """Block until asked to stop; meanwhile reload on request, let the engine tidy up, collect
+        garbage, update STATUS=."""
         gc_every = max(1.0, self.config.voices.rename_grace_s / 2)
         next_gc = time.monotonic() + gc_every
-        last_line = gc_problem = ""
+        last_line = gc_problem = idle_problem = ""
         while not self._stop.wait(timeout=1.0):
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if self.engine is not None:
+                try:
+                    self.engine.idle()
+                    idle_problem = ""
+                except Exception as exc:  # noqa: BLE001 - a plugin engine's housekeeping must not stop the daemon
+                    if str(exc) != idle_problem:
+                        log.warning("engine housekeeping failed: %s", exc)
+                    idle_problem = str(exc)
             line = self.status_line()
             if line != last_line:
                 self.notifier.status(line)

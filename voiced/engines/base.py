@@ -127,6 +127,13 @@ class Engine(abc.ABC):
         """A stock voice, usable before any reference is prepared."""
         raise NotImplementedError
 
+    def idle(self) -> None:
+        """Called by the daemon about once a second from its housekeeping thread, busy or not.
+
+        An engine may give back memory it has not needed for a while, such as buffers grown for
+        the longest input it ran. It must stay safe while other threads synthesize. Default: nothing.
+        """
+
 
 def check_speed(params: Mapping[str, Any], lo: float = 0.5, hi: float = 2.0) -> float:
     """Validate ``params['speed']`` (default 1.0) as a finite number within [lo, hi]."""

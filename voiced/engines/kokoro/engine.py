@@ -40,6 +40,10 @@ ENGINE_VERSION = "kokoro-v1.0-int8+fe1+post1"
 _MODEL_INPUTS = {"tokens", "style", "speed"}
 
 _WARMUP_TEXT = "Hello, this is a warm up."
+# onnxruntime keeps the buffers it grew for the longest input it has run (about 400 MiB more for
+# a 312-token sentence than for a short one): after this long without a model call they are
+# given back; the next call grows them again, which costs it a few percent.
+IDLE_RELEASE_S = 5.0
 
 
 def split_phonemes(ps: str, limit: int = MAX_TOKENS) -> list[str]:
@@ -144,6 +148,9 @@ class KokoroEngine(Engine):
         self._session: Any = None
         self._fitter: Any = None
         self._fitter_lock = threading.Lock()
+        self._last_call = 0.0  # time.monotonic() at the end of the last model call
+        self._calls_since_release = 0  # not locked: a count lost to a race only delays a release
+        self._release_lock = threading.Lock()
         self.version = f"{ENGINE_VERSION}+{FIT_VERSION}-{self._files.sha256[:8]}"
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -262,6 +269,16 @@ class KokoroEngine(Engine):
         self._require_loaded()
         if not tokens:
             return np.zeros(0, np.float32)
+        if pitch != 1.0 and not self.pitch_control:
+            self._warn_no_pitch()
+        out = self._session.run(None, self._feeds(tokens, style_pack, speed, pitch))[0]
+        self._last_call = time.monotonic()
+        self._calls_since_release += 1
+        audio = np.asarray(out, dtype=np.float32).reshape(-1)
+        # int8 kernels on unusual styles can overflow; never hand NaNs to a sound card.
+        return np.nan_to_num(np.clip(audio, -1.0, 1.0), nan=0.0)
+
+    def _feeds(self, tokens: list[int], style_pack: np.ndarray, speed: float, pitch: float) -> dict[str, np.ndarray]:
         tokens = tokens[:MAX_TOKENS]
         style = style_pack[min(len(tokens), style_pack.shape[0] - 1)].reshape(1, STYLE_DIM)
         feeds = {
@@ -271,12 +288,29 @@ class KokoroEngine(Engine):
         }
         if self.pitch_control:
             feeds[graph.PITCH_INPUT] = np.asarray([pitch], dtype=np.float32)
-        elif pitch != 1.0:
-            self._warn_no_pitch()
-        out = self._session.run(None, feeds)[0]
-        audio = np.asarray(out, dtype=np.float32).reshape(-1)
-        # int8 kernels on unusual styles can overflow; never hand NaNs to a sound card.
-        return np.nan_to_num(np.clip(audio, -1.0, 1.0), nan=0.0)
+        return feeds
+
+    def idle(self) -> None:
+        """Release the model's grown buffers once no call has run for IDLE_RELEASE_S."""
+        if self._calls_since_release and time.monotonic() - self._last_call >= IDLE_RELEASE_S:
+            self.release_memory()
+
+    def release_memory(self) -> None:
+        """Give back the memory onnxruntime holds beyond what a short input needs.
+
+        One model call on a one-word input, asking the CPU arena to shrink as the call ends:
+        what no running call holds is freed. Calls running meanwhile on other threads are safe.
+        """
+        if self._session is None:
+            return
+        import onnxruntime as ort
+
+        with self._release_lock:
+            self._calls_since_release = 0
+            options = ort.RunOptions()
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            (ps,) = self.phonemize("Hi.")
+            self._session.run(None, self._feeds(self.tokens(ps), self.voices[self.default_voice], 1.0, 1.0), options)
 
     def synthesize(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> Iterator[np.ndarray]:
         """Validate everything eagerly, then return a generator of per-sentence chunks."""
