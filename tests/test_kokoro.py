@@ -7,11 +7,13 @@ import logging
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from voiced.cache import sha256_file
 from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
 from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, text, weights
+from voiced.engines.kokoro import engine as kokoro_engine
 from voiced.engines.kokoro.engine import split_phonemes
 from voiced.engines.kokoro.fitting import CMAES, blend_weights, resample_24k_to_16k
 
@@ -229,8 +231,6 @@ def test_same_input_same_audio(engine, voice):
 
 
 def test_memory_grown_for_a_long_input_is_given_back(engine, voice):
-    import psutil
-
     rss = psutil.Process().memory_info
     short = engine.synthesize_all("Still the same voice.", voice)
     engine.synthesize_all(" ".join(["The quick brown fox jumps over the lazy dog by the river, then runs away"] * 4), voice)
@@ -241,8 +241,6 @@ def test_memory_grown_for_a_long_input_is_given_back(engine, voice):
 
 
 def test_idle_releases_once_after_the_quiet_period(engine, voice, monkeypatch):
-    from voiced.engines.kokoro import engine as kokoro_engine
-
     real_release, released = engine.release_memory, []
 
     def release() -> None:
@@ -271,7 +269,7 @@ def test_speed_changes_duration(engine, voice):
 
 @pytest.mark.parametrize(
     "params",
-    [{"speed": 0}, {"speed": 2.5}, {"speed": float("nan")}, {"speed": "fast"}, {"seed": -1}, {"seed": 1.5}, {"volume": 2}],
+    [{"speed": 0}, {"speed": 2.5}, {"speed": float("nan")}, {"speed": "fast"}, {"seed": -1}, {"seed": 1.5}, {"seed": True}, {"seed": 2**32}, {"volume": 2}],
 )
 def test_bad_params_are_param_errors(engine, voice, params):
     with pytest.raises(ParamError):

@@ -25,6 +25,7 @@ __all__ = [
     "TextError",
     "check_seed",
     "check_speed",
+    "whole_number",
 ]
 
 
@@ -146,13 +147,15 @@ def check_speed(params: Mapping[str, Any], lo: float = 0.5, hi: float = 2.0) -> 
     return speed
 
 
+def whole_number(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` as an int within [low, high]; booleans and floats are refused (ParamError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ParamError(f"{name} must be a whole number {bounds}, got {value!r}")
+    return int(value)
+
+
 def check_seed(params: Mapping[str, Any]) -> int:
     """Validate ``params['seed']`` (default 0) as a non-negative integer below 2**32."""
     raw = params.get("seed", 0)
-    if raw is None:
-        return 0
-    if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
-        raise ParamError(f"seed must be an integer, got {type(raw).__name__}")
-    if not 0 <= int(raw) < 2**32:
-        raise ParamError(f"seed must be within 0..2**32-1, got {raw!r}")
-    return int(raw)
+    return 0 if raw is None else whole_number("seed", raw, 0, 2**32 - 1)

@@ -21,6 +21,7 @@ from voiced.engines.base import (
     TextError,
     check_seed,
     check_speed,
+    whole_number,
 )
 from voiced.engines.kokoro import graph, phonemes, post, text, weights
 from voiced.engines.kokoro.fitting import FIT_VERSION
@@ -70,13 +71,6 @@ def split_phonemes(ps: str, limit: int = MAX_TOKENS) -> list[str]:
     if rest:
         pieces.append(rest)
     return [p for p in pieces if p]
-
-
-def _whole_number(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"from {low} to {high}"
-        raise ParamError(f"{name} must be a whole number {bounds}, got {value!r}")
-    return value
 
 
 def _resolve_providers(device: str) -> tuple[list[Any], str]:
@@ -131,8 +125,8 @@ class KokoroEngine(Engine):
         ``[engine] options`` of the daemon's config; a bad value raises ParamError naming it.
         """
         self.cache_dir = Path(cache_dir)
-        self.max_chars = _whole_number("max_chars", max_chars, 1)
-        self.threads = None if threads is None else _whole_number("threads", threads, 0, MAX_THREADS)
+        self.max_chars = whole_number("max_chars", max_chars, 1)
+        self.threads = None if threads is None else whole_number("threads", threads, 0, MAX_THREADS)
         if not isinstance(default_voice, str):
             raise ParamError(f"default_voice must be a base voice's name, got {default_voice!r}")
         self.default_voice = default_voice
