@@ -257,6 +257,12 @@ def test_idle_releases_once_after_the_quiet_period(engine, voice, monkeypatch):
     engine.idle()
     assert len(released) == 1  # once: no call ran since
     engine.synthesize_all("Busy again.", voice)
+    engine._running += 1  # a call in progress (started after the last one ended): no release under it
+    try:
+        engine.idle()
+    finally:
+        engine._running -= 1
+    assert len(released) == 1
     engine.idle()
     assert len(released) == 2
 

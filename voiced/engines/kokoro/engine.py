@@ -142,8 +142,10 @@ class KokoroEngine(Engine):
         self._session: Any = None
         self._fitter: Any = None
         self._fitter_lock = threading.Lock()
+        self._calls = threading.Lock()  # guards the three counters below
+        self._running = 0  # model calls in progress
         self._last_call = 0.0  # time.monotonic() at the end of the last model call
-        self._calls_since_release = 0  # not locked: a count lost to a race only delays a release
+        self._calls_since_release = 0
         self._release_lock = threading.Lock()
         self.version = f"{ENGINE_VERSION}+{FIT_VERSION}-{self._files.sha256[:8]}"
 
@@ -265,9 +267,16 @@ class KokoroEngine(Engine):
             return np.zeros(0, np.float32)
         if pitch != 1.0 and not self.pitch_control:
             self._warn_no_pitch()
-        out = self._session.run(None, self._feeds(tokens, style_pack, speed, pitch))[0]
-        self._last_call = time.monotonic()
-        self._calls_since_release += 1
+        feeds = self._feeds(tokens, style_pack, speed, pitch)
+        with self._calls:
+            self._running += 1
+        try:
+            out = self._session.run(None, feeds)[0]
+        finally:
+            with self._calls:
+                self._running -= 1
+                self._last_call = time.monotonic()
+                self._calls_since_release += 1
         audio = np.asarray(out, dtype=np.float32).reshape(-1)
         # int8 kernels on unusual styles can overflow; never hand NaNs to a sound card.
         return np.nan_to_num(np.clip(audio, -1.0, 1.0), nan=0.0)
@@ -286,7 +295,9 @@ class KokoroEngine(Engine):
 
     def idle(self) -> None:
         """Release the model's grown buffers once no call has run for IDLE_RELEASE_S."""
-        if self._calls_since_release and time.monotonic() - self._last_call >= IDLE_RELEASE_S:
+        with self._calls:
+            due = not self._running and self._calls_since_release and time.monotonic() - self._last_call >= IDLE_RELEASE_S
+        if due:
             self.release_memory()
 
     def release_memory(self) -> None:
@@ -300,7 +311,8 @@ class KokoroEngine(Engine):
         import onnxruntime as ort
 
         with self._release_lock:
-            self._calls_since_release = 0
+            with self._calls:
+                self._calls_since_release = 0
             options = ort.RunOptions()
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
             (ps,) = self.phonemize("Hi.")
