@@ -43,8 +43,9 @@ _MODEL_INPUTS = {"tokens", "style", "speed"}
 _WARMUP_TEXT = "Hello, this is a warm up."
 # onnxruntime keeps the buffers it grew for the longest input it has run (about 400 MiB more for
 # a 312-token sentence than for a short one): after this long without a model call they are
-# given back; the next call grows them again, which costs it a few percent.
-IDLE_RELEASE_S = 5.0
+# given back. The next call grows them again, which costs it about 5%, so the wait is long enough
+# that a client speaking every few seconds never pays it.
+IDLE_RELEASE_S = 30.0
 
 
 def split_phonemes(ps: str, limit: int = MAX_TOKENS) -> list[str]:
