@@ -496,6 +496,46 @@ def test_sighup_reloads_and_sigterm_exits_cleanly(tmp_path: Path, clips: dict[st
     assert "voiced stopped" in d.log.read_text()
 
 
+IDLE_PROBE = """
+from voiced.builtin_engines import kokoro_factory
+from voiced.hookspecs import hookimpl
+
+def probe_factory(context):
+    engine = kokoro_factory(context)
+    calls = context.cache_dir / "idle-calls"
+
+    def idle():  # counts the daemon's calls, then fails like a broken plugin engine would
+        with open(calls, "a") as fh:
+            fh.write("x")
+        raise RuntimeError("probe refuses to tidy up")
+
+    engine.idle = idle
+    return engine
+
+@hookimpl
+def voiced_register_engines(register):
+    register("idle-probe", probe_factory)
+"""
+
+
+def test_engine_housekeeping_runs_and_its_failure_is_logged_once(tmp_path: Path) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "idle_probe.py").write_text(IDLE_PROBE)
+    d = DaemonProcess(tmp_path, {"engine": {"name": "idle-probe"}, "plugins": {"paths": [tmp_path / "plugins"]}}).start()
+    try:
+        calls = d.cache_dir / "idle-calls"
+        deadline = time.monotonic() + 30
+        while (not calls.exists() or len(calls.read_text()) < 3) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(calls.read_text()) >= 3  # once a second
+        with d.client() as client:
+            assert client.ping()["protocol"] == 1
+    finally:
+        code = d.stop()
+    assert code == 0
+    assert d.log.read_text().count("engine housekeeping failed: probe refuses to tidy up") == 1
+
+
 # ---------------------------------------------------------------------------- plugins in the real daemon
 
 
