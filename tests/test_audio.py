@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 import voiced.audio as audio_mod
-from voiced.audio import SAMPLE_RATE, LoadedAudio, load_audio
+from voiced.audio import SAMPLE_RATE, LoadedAudio, load_audio, voiced_fraction
 from voiced.encoder import SpeakerEncoder, cosine
 from voiced.errors import AudioError
 
@@ -261,3 +261,17 @@ def test_no_other_exception_type_escapes(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(audio_mod.soxr, "resample", boom)
     with pytest.raises(AudioError, match="cannot read audio file a.wav: resampler exploded"):
         load_audio(path)
+
+
+def test_voiced_fraction_tells_speech_from_noise_and_hum(testdata_dir: Path) -> None:
+    for path in sorted((testdata_dir / "voices").iterdir()):
+        assert voiced_fraction(load_audio(path).samples) > 0.6, path.name
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal(SAMPLE_RATE * 3)
+    t = np.arange(SAMPLE_RATE * 3) / SAMPLE_RATE
+    pink = np.fft.irfft(np.fft.rfft(white) / np.sqrt(np.maximum(np.arange(len(white) // 2 + 1), 1)), len(white))
+    brown = np.cumsum(white)
+    for name, sound in {"white": white, "pink": pink, "brown": brown - brown.mean(), "hum": np.sin(2 * np.pi * 50 * t)}.items():
+        assert voiced_fraction(sound) < 0.05, name
+    assert voiced_fraction(np.zeros(SAMPLE_RATE)) == 0.0
+    assert voiced_fraction(np.zeros(10)) == 0.0  # shorter than one frame

@@ -397,6 +397,16 @@ def test_bad_inputs_fail_with_a_reason_and_the_rest_goes_on(
     os.symlink(secret, v / "escape.wav")
     os.symlink(v / "nowhere.wav", v / "dangling.wav")
     copy(clips["allison_b"], v / "good.flac")
+    rng = np.random.default_rng(3)
+    white = rng.standard_normal(16000 * 4) * 0.1
+    sf.write(v / "hiss.wav", white.astype(np.float32), 16000)
+    rumble = np.cumsum(white)
+    sf.write(v / "rumble.wav", (0.5 * (rumble - rumble.mean()) / np.abs(rumble).max()).astype(np.float32), 16000)
+    t = np.arange(16000 * 4) / 16000
+    sf.write(v / "hum.wav", (0.2 * np.sin(2 * np.pi * 50 * t) + 0.01 * white).astype(np.float32), 16000)
+    speech, sr = sf.read(clips["june_b"], dtype="float32")
+    noisy = speech + rng.standard_normal(len(speech)).astype(np.float32) * speech.std()  # 0 dB SNR
+    sf.write(v / "noisy-speech.wav", noisy / np.abs(noisy).max(), sr)
 
     expected = {
         "empty": "empty",
@@ -407,12 +417,16 @@ def test_bad_inputs_fail_with_a_reason_and_the_rest_goes_on(
         "short": "too short",
         "escape": "outside the voices folder",
         "dangling": "broken symlink",
+        "hiss": "no voiced speech",
+        "rumble": "no voiced speech",
+        "hum": "no voiced speech",
     }
     for name, fragment in expected.items():
         voice = folder.wait_state(name, "failed")
         assert voice["error"], name
         assert fragment in voice["error"].lower(), (name, voice["error"])
     folder.wait_state("good", "ready")
+    folder.wait_state("noisy-speech", "ready")
     for name in expected:
         assert folder.wait_event("failed", name)["error"] == folder.voice(name)["error"]  # type: ignore[index]
 

@@ -193,3 +193,33 @@ def _sf_reason(exc: Exception) -> str:
     """libsndfile's own words, without the 'Error opening <path>:' prefix."""
     msg = str(exc)
     return msg.split(": ", 1)[1] if msg.startswith("Error opening") and ": " in msg else msg
+
+
+def voiced_fraction(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """Share of the sounding 40 ms frames that are voiced: periodic with a pitch of 60-400 Hz.
+
+    A frame is voiced when its normalised autocorrelation has a local peak above 0.5 at a lag
+    inside that range; a lag at the range's edge does not count, so the slow, monotonic
+    correlation of low-pass noise or a 50 Hz hum is not taken for a voice. Frames more than
+    40 dB below the loud ones are left out. Speech reads 0.6-0.9; white, pink and brown noise
+    0.0-0.02.
+    """
+    wav = np.asarray(samples, dtype=np.float64).reshape(-1)
+    frame, hop = int(0.04 * sample_rate), int(0.02 * sample_rate)
+    n = (len(wav) - frame) // hop + 1
+    if n <= 0:
+        return 0.0
+    frames = wav[np.arange(frame)[None, :] + hop * np.arange(n)[:, None]]
+    frames -= frames.mean(axis=1, keepdims=True)
+    energy = np.square(frames).sum(axis=1)
+    sounding = energy > max(1e-10, float(np.percentile(energy, 90)) * 1e-4)
+    if not sounding.any():
+        return 0.0
+    frames = frames[sounding]
+    ac = np.fft.irfft(np.abs(np.fft.rfft(frames * np.hanning(frame), 2 * frame)) ** 2)[:, :frame]
+    ac /= np.maximum(ac[:, :1], 1e-20)
+    lo, hi = int(sample_rate / 400), int(sample_rate / 60)
+    band = ac[:, lo : hi + 1]
+    at = band.argmax(axis=1)
+    peak = band[np.arange(len(band)), at]
+    return float(np.mean((peak > 0.5) & (at > 0) & (at < band.shape[1] - 1)))
