@@ -143,11 +143,10 @@ class KokoroEngine(Engine):
         self._session: Any = None
         self._fitter: Any = None
         self._fitter_lock = threading.Lock()
-        self._calls = threading.Lock()  # guards the three counters below
+        self._calls = threading.Lock()  # guards the three fields below
         self._running = 0  # model calls in progress
         self._last_call = 0.0  # time.monotonic() at the end of the last model call
-        self._calls_since_release = 0
-        self._release_lock = threading.Lock()
+        self._used_since_release = False
         self.version = f"{ENGINE_VERSION}+{FIT_VERSION}-{self._files.sha256[:8]}"
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -277,7 +276,7 @@ class KokoroEngine(Engine):
             with self._calls:
                 self._running -= 1
                 self._last_call = time.monotonic()
-                self._calls_since_release += 1
+                self._used_since_release = True
         audio = np.asarray(out, dtype=np.float32).reshape(-1)
         # int8 kernels on unusual styles can overflow; never hand NaNs to a sound card.
         return np.nan_to_num(np.clip(audio, -1.0, 1.0), nan=0.0)
@@ -297,7 +296,7 @@ class KokoroEngine(Engine):
     def idle(self) -> None:
         """Release the model's grown buffers once no call has run for IDLE_RELEASE_S."""
         with self._calls:
-            due = not self._running and self._calls_since_release and time.monotonic() - self._last_call >= IDLE_RELEASE_S
+            due = not self._running and self._used_since_release and time.monotonic() - self._last_call >= IDLE_RELEASE_S
         if due:
             self.release_memory()
 
@@ -305,19 +304,19 @@ class KokoroEngine(Engine):
         """Give back the memory onnxruntime holds beyond what a short input needs.
 
         One model call on a one-word input, asking the CPU arena to shrink as the call ends:
-        what no running call holds is freed. Calls running meanwhile on other threads are safe.
+        what no running call holds is freed. Calls running meanwhile on other threads, and
+        another release, are safe.
         """
         if self._session is None:
             return
         import onnxruntime as ort
 
-        with self._release_lock:
-            with self._calls:
-                self._calls_since_release = 0
-            options = ort.RunOptions()
-            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-            (ps,) = self.phonemize("Hi.")
-            self._session.run(None, self._feeds(self.tokens(ps), self.voices[self.default_voice], 1.0, 1.0), options)
+        with self._calls:
+            self._used_since_release = False
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        (ps,) = self.phonemize("Hi.")
+        self._session.run(None, self._feeds(self.tokens(ps), self.voices[self.default_voice], 1.0, 1.0), options)
 
     def synthesize(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> Iterator[np.ndarray]:
         """Validate everything eagerly, then return a generator of per-sentence chunks."""
