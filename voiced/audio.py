@@ -202,7 +202,7 @@ def voiced_fraction(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> floa
     inside that range; a lag at the range's edge does not count, so the slow, monotonic
     correlation of low-pass noise or a 50 Hz hum is not taken for a voice. Frames more than
     40 dB below the loud ones are left out. Speech reads 0.6-0.9; white, pink and brown noise
-    0.0-0.02.
+    0.0-0.03.
     """
     wav = np.asarray(samples, dtype=np.float64).reshape(-1)
     frame, hop = int(0.04 * sample_rate), int(0.02 * sample_rate)
