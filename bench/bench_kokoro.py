@@ -57,6 +57,9 @@ WER_TEXTS = (
     "They are building a new bridge across the river next year.",
     "It is important to check the tires before a long drive.",
 )
+# Speaking rates for --wer-speeds: a 1-3% change moves a voice's count on the five sentences by a
+# few words, so a mean over these says more than the count at 1.0 alone.
+JITTER_SPEEDS = (0.97, 0.98, 0.99, 1.0, 1.01, 1.02, 1.03)
 TESTDATA = Path(os.environ.get("VOICED_TESTDATA") or Path(__file__).resolve().parents[1].parent / "shared" / "testdata")
 
 
@@ -124,6 +127,9 @@ def main() -> int:
     ap.add_argument("--fit-budget", type=float, default=60.0)
     ap.add_argument("--no-fit", action="store_true")
     ap.add_argument("--speakers", default="allison_a.wav,carlo_a.wav,june_a.wav")
+    ap.add_argument("--wer-speeds", action="store_true",
+                    help=f"also take the stock and refined WER at speeds {', '.join(map(str, JITTER_SPEEDS))} "
+                         "and print their means: how much of a difference is the sentences' luck")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)  # each fit's evaluations, warp, pitch
@@ -209,9 +215,10 @@ def main() -> int:
         recognise = None
         print("WER skipped: pip install pocketsphinx")
 
-    def wer_of(cond, sim_audio: list[np.ndarray]) -> tuple[float, float]:
+    def wer_of(cond, sim_audio: list[np.ndarray] | None = None, speed: float = 1.0) -> tuple[float, float]:
         """(WER on all of WER_TEXTS, WER on SIM_TEXTS alone); ``sim_audio``: the similarity's outputs."""
-        audio = [*sim_audio, *(engine.synthesize_all(text, cond) for text in WER_TEXTS[len(SIM_TEXTS):])]
+        audio = [*(sim_audio or []), *(engine.synthesize_all(text, cond, {"speed": speed})
+                                       for text in WER_TEXTS[len(sim_audio or []):])]
         counts = [wer(text, recognise(resample_24k_to_16k(a))) for text, a in zip(WER_TEXTS, audio)]
         sim = counts[: len(SIM_TEXTS)]
         return sum(e for e, _ in counts) / sum(n for _, n in counts), sum(e for e, _ in sim) / sum(n for _, n in sim)
@@ -285,6 +292,13 @@ def main() -> int:
                   f"refined/stock {ratio:.2f} ({'within' if ratio <= 1.25 else 'OVER'} the 1.25x limit); "
                   f"on the five similarity sentences alone: stock {wers['stock'][1]:.1%}  quick {wers['quick'][1]:.1%}  "
                   f"refined {wers['refined'][1]:.1%}")
+        if wers and args.wer_speeds:
+            means = {label: np.mean([wer_of(cond, speed=speed) for speed in JITTER_SPEEDS], axis=0)
+                     for label, cond in (("stock", engine.base_conditioning(stock_name)), ("refined", refined))}
+            print(f"{name}: mean WER over speeds {JITTER_SPEEDS[0]}-{JITTER_SPEEDS[-1]}: stock {means['stock'][0]:.1%}  "
+                  f"refined {means['refined'][0]:.1%} ({means['refined'][0] / means['stock'][0]:.2f}x); on the five "
+                  f"similarity sentences alone: stock {means['stock'][1]:.1%}  refined {means['refined'][1]:.1%} "
+                  f"({means['refined'][1] / means['stock'][1]:.2f}x)")
     return 0
 
 
