@@ -174,6 +174,14 @@ def test_check_config_command(tmp_path: Path) -> None:
     text = _run_cli("check-config", "--config", str(good))
     assert text.returncode == 0 and f'dir = "{voices}"' in text.stdout
 
+    # the file may also be given as an argument, as a first try would; two different files are refused
+    text = _run_cli("check-config", str(good))
+    assert text.returncode == 0 and f'dir = "{voices}"' in text.stdout and str(good) in text.stdout
+    other = tmp_path / "other.toml"
+    other.write_text("[log]\nlevel = 'debug'\n")
+    result = _run_cli("check-config", str(good), "--config", str(other))
+    assert result.returncode == 1 and "two config files given" in result.stderr
+
     bad = tmp_path / "bad.toml"
     bad.write_text("[voices]\nmax_duration_s = 'x'\n")
     result = _run_cli("check-config", "--config", str(bad))

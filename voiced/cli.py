@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from voiced import __version__
 from voiced.config import Config, load_config, to_dict, to_toml
-from voiced.errors import VoicedError
+from voiced.errors import ConfigError, VoicedError
 from voiced.logsetup import one_line, setup_logging
 
 log = logging.getLogger("voiced")
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("check-config", help="validate a config file and print the resolved values")
+    p.add_argument("file", nargs="?", metavar="FILE", help="the config file (the same as --config)")
     p.add_argument("--config", help="config file (default: $VOICED_CONFIG, then the usual places)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(func=cmd_check_config)
@@ -103,6 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        if args.config is not None and args.config != args.file:
+            raise ConfigError(f"two config files given: {args.file} and --config {args.config}")
+        args.config = args.file
     config = _config(args)
     # the plugins and the engine's options as well: what `serve` would otherwise only refuse after
     # loading the speaker encoder (the engine is built, no model is loaded)
