@@ -19,6 +19,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -215,10 +216,11 @@ def main() -> int:
         recognise = None
         print("WER skipped: pip install pocketsphinx")
 
-    def wer_of(cond, sim_audio: list[np.ndarray] | None = None, speed: float = 1.0) -> tuple[float, float]:
-        """(WER on all of WER_TEXTS, WER on SIM_TEXTS alone); ``sim_audio``: the similarity's outputs."""
-        audio = [*(sim_audio or []), *(engine.synthesize_all(text, cond, {"speed": speed})
-                                       for text in WER_TEXTS[len(sim_audio or []):])]
+    def wer_of(cond, sim_audio: Sequence[np.ndarray] = (), speed: float = 1.0) -> tuple[float, float]:
+        """(WER on all of WER_TEXTS, WER on SIM_TEXTS alone); ``sim_audio``: outputs already spoken
+        for the first texts (the similarity's), the rest are synthesized at ``speed``."""
+        spoken = list(sim_audio)
+        audio = [*spoken, *(engine.synthesize_all(text, cond, {"speed": speed}) for text in WER_TEXTS[len(spoken):])]
         counts = [wer(text, recognise(resample_24k_to_16k(a))) for text, a in zip(WER_TEXTS, audio)]
         sim = counts[: len(SIM_TEXTS)]
         return sum(e for e, _ in counts) / sum(n for _, n in counts), sum(e for e, _ in sim) / sum(n for _, n in sim)
