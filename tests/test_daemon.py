@@ -90,6 +90,13 @@ def test_ping_and_status(daemon: DaemonProcess) -> None:
     assert set(status["voices"]) == {"pending", "preparing", "ready", "failed"}
 
 
+def test_status_hit_rate_counts_voices_new_to_the_cache(daemon: DaemonProcess, speaker: str) -> None:
+    """The daemon's cache started empty and had to prepare a voice: not every lookup was a hit."""
+    with daemon.client() as client:
+        rate = client.status()["cache"]["hit_rate"]
+    assert rate is not None and 0.0 <= rate < 1.0
+
+
 def test_ipc_endpoint(daemon: DaemonProcess) -> None:
     with Client(daemon.ipc, timeout_s=10) as client:
         assert client.ping()["protocol"] == 1

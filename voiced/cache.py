@@ -144,7 +144,8 @@ class FileRecord:
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """Figures for the daemon's status op; hits and misses count this process only."""
+    """Figures for the daemon's status op; hits and misses count this process's lookups only
+    (``get``, ``get_meta`` and ``has`` alike)."""
 
     entries: int
     bytes: int
@@ -552,15 +553,13 @@ class Cache:
                             problem = f"unreadable npz ({e})"
                         else:
                             self._touch(key, name, last_access)
-                            with self._lock:
-                                self._hits += 1
+                            self._count(True)
                             return arrays
             if self._drop_if_current(key, name, problem, path):
                 break
             # The row changed between our read and the failure (a concurrent put replaced
             # or evicted it and deleted the old object): look again.
-        with self._lock:
-            self._misses += 1
+        self._count(False)
         return None
 
     def _touch(self, key: tuple[str, str, str], name: str, last_access: float) -> None:
@@ -609,18 +608,30 @@ class Cache:
             "SELECT meta FROM entries WHERE source = ? AND producer = ? AND kind = ?",
             (source_sha256, producer, kind),
         )
+        self._count(bool(rows))
         if not rows:
             return None
         return json.loads(rows[0][0]) if rows[0][0] else {}
 
     def has(self, source_sha256: str, producer: str, kind: str) -> bool:
         """Whether the index has the entry (cheap; does not verify the object, ``get`` does)."""
-        return bool(
+        found = bool(
             self._read(
                 "SELECT 1 FROM entries WHERE source = ? AND producer = ? AND kind = ?",
                 (source_sha256, producer, kind),
             )
         )
+        self._count(found)
+        return found
+
+    def _count(self, hit: bool) -> None:
+        # Every lookup counts, not only ``get``: a voice new to the cache is first looked up
+        # through the index, and a hit rate blind to that read 1.0 on a cache that had nothing.
+        with self._lock:
+            if hit:
+                self._hits += 1
+            else:
+                self._misses += 1
 
     def entries_for(self, source_sha256: str) -> list[tuple[str, str]]:
         """All (producer, kind) pairs cached for one content hash."""
