@@ -1,6 +1,6 @@
 """Kokoro engine benchmark: RTF vs a bare onnxruntime call, time to first chunk, RSS, cloning.
 
-    python bench/bench_kokoro.py [--cache DIR] [--threads N] [--fit-budget 60] [--no-fit]
+    python bench/bench_kokoro.py [--cache DIR] [--threads N] [--fit-budget 60] [--no-fit] [--wer-speeds] [--base-voices]
 
 Prints one line per figure. Cloning similarities (GE2E cosine to the reference embedding, mean
 over five held-out sentences, not the calibration text the fitter optimises on) are given for the
@@ -57,6 +57,31 @@ WER_TEXTS = (
     "The teacher asked the students to read the first chapter at home.",
     "They are building a new bridge across the river next year.",
     "It is important to check the tires before a long drive.",
+)
+# --base-voices: each base voice's word error rate on these, sentences neither the fit nor the
+# figures above use. The base voices are Japanese speakers, and how well their English is
+# understood sets the bar a refined voice is held to: its best stock voice's WER.
+BASE_VOICE_TEXTS = (
+    "The river was cold, so we waited on the bank until noon.",
+    "Could you send me the report by Friday afternoon?",
+    "A group of students walked quietly past the museum gate.",
+    "He painted the fence white and then fixed the broken gate.",
+    "Dinner will be ready in about twenty minutes.",
+    "The old radio still works if you turn it on slowly.",
+    "We found a small cafe near the station with good soup.",
+    "Please write your name at the top of every page.",
+    "The wind blew the papers off the table and onto the floor.",
+    "My sister moved to a farm with two horses and a goat.",
+    "They watched the game on a big screen at the hotel.",
+    "The baker opens his shop at six every morning.",
+    "It started to snow just as we reached the top of the hill.",
+    "You can borrow my bicycle if you bring it back tonight.",
+    "The nurse checked his temperature twice during the night.",
+    "Most of the apples on that tree are still green.",
+    "I left my umbrella on the bus this morning.",
+    "The store around the corner sells fresh flowers and cheese.",
+    "Her phone rang three times before she answered it.",
+    "We need more chairs for the party on Sunday.",
 )
 # Speaking rates for --wer-speeds: a 1-3% change moves a voice's count on the five sentences by a
 # few words, so a mean over these says more than the count at 1.0 alone.
@@ -131,6 +156,8 @@ def main() -> int:
     ap.add_argument("--wer-speeds", action="store_true",
                     help=f"also take the stock and refined WER at speeds {', '.join(map(str, JITTER_SPEEDS))} "
                          "and print their means: how much of a difference is the sentences' luck")
+    ap.add_argument("--base-voices", action="store_true",
+                    help="print each base voice's WER on BASE_VOICE_TEXTS and on the held-out sentences, and stop")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)  # each fit's evaluations, warp, pitch
@@ -225,6 +252,17 @@ def main() -> int:
         sim = counts[: len(SIM_TEXTS)]
         return sum(e for e, _ in counts) / sum(n for _, n in counts), sum(e for e, _ in sim) / sum(n for _, n in sim)
 
+    if args.base_voices:
+        if recognise is None:
+            return 1
+        for name in sorted(engine.voices):
+            cond = engine.base_conditioning(name)
+            counts = [wer(text, recognise(resample_24k_to_16k(engine.synthesize_all(text, cond)))) for text in BASE_VOICE_TEXTS]
+            errors, words = sum(e for e, _ in counts), sum(n for _, n in counts)
+            fifteen, five = wer_of(cond)
+            print(f"{name}: WER {errors / words:.1%} ({errors} of {words} words, {len(BASE_VOICE_TEXTS)} sentences); "
+                  f"on the {len(WER_TEXTS)} held-out sentences {fifteen:.1%}, the five similarity sentences {five:.1%}")
+        return 0
     engine._encoder = SpeakerEncoder(device="cpu")
     t0 = time.perf_counter()
     fitter = engine.fitter()

@@ -496,7 +496,8 @@ def test_refined_is_deterministic_and_not_worse(engine, allison, monkeypatch, ca
     assert "cut" not in stopped.meta
 
 
-def test_bench_word_error_rate_normalises_case_and_punctuation():
+@pytest.fixture(scope="module")
+def bench_module():
     import importlib.util
     from pathlib import Path
 
@@ -504,9 +505,27 @@ def test_bench_word_error_rate_normalises_case_and_punctuation():
     spec = importlib.util.spec_from_file_location("bench_kokoro", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.wer("Hello, World! It's fine.", "hello world it's fine") == (0, 4)
-    assert bench.wer("the cat sat", "the bat sat down") == (2, 3)  # one substitution, one insertion
-    assert bench.wer("a b c", "") == (3, 3)
+    return bench
+
+
+def test_bench_word_error_rate_normalises_case_and_punctuation(bench_module):
+    assert bench_module.wer("Hello, World! It's fine.", "hello world it's fine") == (0, 4)
+    assert bench_module.wer("the cat sat", "the bat sat down") == (2, 3)  # one substitution, one insertion
+    assert bench_module.wer("a b c", "") == (3, 3)
+
+
+def test_bench_sentence_sets_are_held_out(bench_module):
+    """The bench's figures are on text the fit never speaks, and its sets do not share a sentence."""
+    from voiced.engines.kokoro.fitting import CALIBRATION_TEXTS, TUNING_TEXTS
+
+    def norm(texts):
+        return {" ".join(bench_module._words(t)) for t in texts}
+
+    fit = norm((*CALIBRATION_TEXTS, *TUNING_TEXTS))
+    held_out, base = norm(bench_module.WER_TEXTS), norm(bench_module.BASE_VOICE_TEXTS)
+    assert set(bench_module.SIM_TEXTS) <= set(bench_module.WER_TEXTS)
+    assert len(held_out) == len(bench_module.WER_TEXTS) and len(base) == len(bench_module.BASE_VOICE_TEXTS)
+    assert not fit & held_out and not fit & base and not held_out & base
 
 
 def test_paused_time_does_not_count_against_the_fit_budget():
