@@ -131,6 +131,21 @@ def test_roundtrip_and_misses(cache: Cache) -> None:
     assert stats.bytes == sum(p.stat().st_size for p in object_files(cache.directory))
 
 
+def test_get_entry_is_one_lookup(cache: Cache) -> None:
+    """Arrays and metadata come from one index read, and count as one hit (or one miss)."""
+    src, prod, kind = source(1), PRODUCERS[0], KINDS[0]
+    want = expected_arrays(src, prod, kind)
+    assert cache.get_entry(src, prod, kind) is None
+    cache.put(src, prod, kind, want, {"duration_s": 2.5})
+    cache.put(src, prod, KINDS[1], want)
+    arrays, meta = cache.get_entry(src, prod, kind)
+    assert_arrays_equal(arrays, want)
+    assert meta == {"duration_s": 2.5}
+    assert cache.get_entry(src, prod, KINDS[1])[1] == {}
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (2, 1)
+
+
 def test_replace_entry_removes_old_object(cache: Cache) -> None:
     src = source(1)
     cache.put(src, "p@1", "k", {"a": np.arange(10)})

@@ -520,16 +520,23 @@ class Cache:
 
     def get(self, source_sha256: str, producer: str, kind: str) -> dict[str, np.ndarray] | None:
         """Return the entry's arrays, or None on a miss (absent, missing or corrupt object)."""
+        entry = self.get_entry(source_sha256, producer, kind)
+        return None if entry is None else entry[0]
+
+    def get_entry(
+        self, source_sha256: str, producer: str, kind: str
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """The entry's arrays and its metadata ({} if none) from one index read, or None on a miss."""
         key = (source_sha256, producer, kind)
         for _ in range(3):
             rows = self._read(
-                "SELECT object, object_sha256, last_access FROM entries "
+                "SELECT object, object_sha256, last_access, meta FROM entries "
                 "WHERE source = ? AND producer = ? AND kind = ?",
                 key,
             )
             if not rows:
                 break
-            name, digest, last_access = rows[0]
+            name, digest, last_access, meta = rows[0]
             path = self._object_path(name) if _OBJECT_NAME_RE.match(name) else None
             problem: str
             if path is None:
@@ -554,7 +561,7 @@ class Cache:
                         else:
                             self._touch(key, name, last_access)
                             self._count(True)
-                            return arrays
+                            return arrays, json.loads(meta) if meta else {}
             if self._drop_if_current(key, name, problem, path):
                 break
             # The row changed between our read and the failure (a concurrent put replaced

@@ -90,9 +90,9 @@ def embed_files(
                 )
             producer = f"{encoder.model_id}@{encoder.version}"
             if cache is not None:
-                arrays = cache.get(sha, producer, kind)
-                meta = cache.get_meta(sha, producer, kind) if arrays is not None else None
-                if arrays is not None and meta is not None:
+                entry = cache.get_entry(sha, producer, kind)
+                if entry is not None:
+                    arrays, meta = entry
                     results.append(
                         EmbedResult(str(file), arrays["embedding"], sha, meta.get("duration_s"), cached=True)
                     )

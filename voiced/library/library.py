@@ -202,10 +202,10 @@ class Library:
                 return hot
         if unsaved is not None:
             return Conditioning.from_npz(unsaved[0], unsaved[1])
-        arrays = self.cache.get(*key)
-        if arrays is None:
+        entry = self.cache.get_entry(*key)
+        if entry is None:
             return None
-        conditioning = Conditioning.from_npz(arrays, self.cache.get_meta(*key) or {})
+        conditioning = Conditioning.from_npz(*entry)
         # the voices being spoken stay in memory: reading and verifying a style pack from disk
         # costs milliseconds, which every request would otherwise pay
         with self._lock:
