@@ -243,24 +243,30 @@ def main() -> int:
         recognise = None
         print("WER skipped: pip install pocketsphinx")
 
+    def error_counts(texts: Sequence[str], audio: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+        """(errors, words) per text, for the 24 kHz outputs ``audio`` heard by pocketsphinx."""
+        return [wer(text, recognise(resample_24k_to_16k(a))) for text, a in zip(texts, audio)]
+
+    def rate(counts: Sequence[tuple[int, int]]) -> float:
+        return sum(e for e, _ in counts) / sum(n for _, n in counts)
+
     def wer_of(cond, sim_audio: Sequence[np.ndarray] = (), speed: float = 1.0) -> tuple[float, float]:
         """(WER on all of WER_TEXTS, WER on SIM_TEXTS alone); ``sim_audio``: outputs already spoken
         for the first texts (the similarity's), the rest are synthesized at ``speed``."""
         spoken = list(sim_audio)
         audio = [*spoken, *(engine.synthesize_all(text, cond, {"speed": speed}) for text in WER_TEXTS[len(spoken):])]
-        counts = [wer(text, recognise(resample_24k_to_16k(a))) for text, a in zip(WER_TEXTS, audio)]
-        sim = counts[: len(SIM_TEXTS)]
-        return sum(e for e, _ in counts) / sum(n for _, n in counts), sum(e for e, _ in sim) / sum(n for _, n in sim)
+        counts = error_counts(WER_TEXTS, audio)
+        return rate(counts), rate(counts[: len(SIM_TEXTS)])
 
     if args.base_voices:
         if recognise is None:
             return 1
         for name in sorted(engine.voices):
             cond = engine.base_conditioning(name)
-            counts = [wer(text, recognise(resample_24k_to_16k(engine.synthesize_all(text, cond)))) for text in BASE_VOICE_TEXTS]
+            counts = error_counts(BASE_VOICE_TEXTS, [engine.synthesize_all(text, cond) for text in BASE_VOICE_TEXTS])
             errors, words = sum(e for e, _ in counts), sum(n for _, n in counts)
             fifteen, five = wer_of(cond)
-            print(f"{name}: WER {errors / words:.1%} ({errors} of {words} words, {len(BASE_VOICE_TEXTS)} sentences); "
+            print(f"{name}: WER {rate(counts):.1%} ({errors} of {words} words, {len(BASE_VOICE_TEXTS)} sentences); "
                   f"on the {len(WER_TEXTS)} held-out sentences {fifteen:.1%}, the five similarity sentences {five:.1%}")
         return 0
     engine._encoder = SpeakerEncoder(device="cpu")
