@@ -280,3 +280,34 @@ def test_cosine() -> None:
     assert cosine(a, np.array([0.0, 2.0])) == pytest.approx(0.0)
     assert cosine(a, -a) == pytest.approx(-1.0)
     assert cosine(a, np.zeros(2)) == 0.0
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_embeddings_agree_with_cpu_and_reference(raw_wavs: dict[str, np.ndarray], golden: dict[str, Any],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    cpu = SpeakerEncoder(device="cpu", precision="fp32")
+    gpu = SpeakerEncoder(device="cuda", precision="fp32")
+    assert "slower than fp32" not in caplog.text
+    half = SpeakerEncoder(device="cuda", precision="bf16")
+    assert "precision bf16 on cuda is slower than fp32" in caplog.text
+    assert gpu.device.type == "cuda" and half.precision == "bf16"
+    assert SpeakerEncoder(device="cuda").precision == "fp32"  # auto
+    for name, wav in raw_wavs.items():
+        ref = cpu.embed(wav)
+        on_gpu = gpu.embed(wav)
+        assert on_gpu.dtype == np.float32 and on_gpu.shape == (EMBEDDING_DIM,)
+        assert cosine(on_gpu, ref) > 0.9999, name
+        assert cosine(on_gpu, np.array(golden[name]["pipeline"])) > 0.999, name
+        assert cosine(half.embed(wav), ref) > 0.999, name
+
+
+@needs_cuda
+def test_cuda_ordinals() -> None:
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")

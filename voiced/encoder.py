@@ -367,6 +367,10 @@ class SpeakerEncoder:
         bf16 support, else fp32)."""
         self._device = resolve_device(device)
         self.precision = resolve_precision(precision, self._device)
+        if self.precision == "bf16" and self._device.type == "cuda":
+            # measured on an H100: 9.8 ms per 12 s clip against 7.7 in fp32; cuDNN refuses to pack
+            # bf16 LSTM weights, so torch re-packs them on every call
+            log.warning("precision bf16 on %s is slower than fp32 for this encoder; use auto or fp32 there", self._device)
         if threads is not None:
             if threads < 1:
                 raise ConfigError("threads must be >= 1")
