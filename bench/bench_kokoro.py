@@ -1,6 +1,6 @@
 """Kokoro engine benchmark: RTF vs a bare onnxruntime call, time to first chunk, RSS, cloning.
 
-    python bench/bench_kokoro.py [--cache DIR] [--threads N] [--fit-budget 60] [--no-fit] [--wer-speeds] [--base-voices]
+    python bench/bench_kokoro.py [--cache DIR] [--threads N] [--fit-budget 60] [--no-fit] [--wer-speeds] [--tradeoff] [--base-voices]
 
 Prints one line per figure. Cloning similarities (GE2E cosine to the reference embedding, mean
 over five held-out sentences, not the calibration text the fitter optimises on) are given for the
@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
 from voiced.engines.kokoro.engine import IDLE_RELEASE_S, MAX_TOKENS  # noqa: E402
 
@@ -86,6 +87,9 @@ BASE_VOICE_TEXTS = (
 # Speaking rates for --wer-speeds: a 1-3% change moves a voice's count on the five sentences by a
 # few words, so a mean over these says more than the count at 1.0 alone.
 JITTER_SPEEDS = (0.97, 0.98, 0.99, 1.0, 1.01, 1.02, 1.03)
+# --tradeoff: voices part of the way from the refined voice (0) to its best stock voice (1), to
+# see whether likeness can be traded for intelligibility on the held-out sentences.
+TRADEOFF_STEPS = (0.2, 0.4, 0.6, 0.8)
 TESTDATA = Path(os.environ.get("VOICED_TESTDATA") or Path(__file__).resolve().parents[1].parent / "shared" / "testdata")
 
 
@@ -139,6 +143,21 @@ class Recogniser:
         return hyp.hypstr if hyp is not None else ""
 
 
+def toward(cond: Conditioning, stock: Conditioning, alpha: float) -> Conditioning:
+    """The voice a fraction ``alpha`` of the way from ``cond`` to the stock voice ``stock``: the
+    style and the EQ gains (dB) linearly, the warp and the pitch geometrically, so that 0 is
+    ``cond`` and 1 the stock voice itself."""
+    style = KokoroEngine.style_pack(cond)
+    stock_style = KokoroEngine.style_pack(stock)
+    voicing = KokoroEngine.voicing(cond)
+    arrays = {"style": ((1 - alpha) * style + alpha * stock_style).astype(np.float32),
+              "warp": np.array([voicing.warp ** (1 - alpha)], np.float32),
+              "pitch": np.array([voicing.pitch ** (1 - alpha)], np.float32)}
+    if voicing.eq is not None:
+        arrays["eq"] = ((1 - alpha) * voicing.eq).astype(np.float32)
+    return Conditioning(arrays, {**cond.meta, "stage": f"toward {stock.meta.get('voice')} by {alpha:g}"})
+
+
 def _dist_version(name: str) -> str:
     from importlib.metadata import version
 
@@ -156,6 +175,9 @@ def main() -> int:
     ap.add_argument("--wer-speeds", action="store_true",
                     help=f"also take the stock and refined WER at speeds {', '.join(map(str, JITTER_SPEEDS))} "
                          "and print their means: how much of a difference is the sentences' luck")
+    ap.add_argument("--tradeoff", action="store_true",
+                    help=f"also print similarity and WER for voices {', '.join(map(str, TRADEOFF_STEPS))} of the way "
+                         "from each refined voice to its best stock voice")
     ap.add_argument("--base-voices", action="store_true",
                     help="print each base voice's WER on BASE_VOICE_TEXTS and on the held-out sentences, and stop")
     args = ap.parse_args()
@@ -186,7 +208,6 @@ def main() -> int:
           f"(front end + overhead {1000 * (t_eng - t_bare):.0f} ms)")
 
     # a cloned voice also carries a pitch/formant warp and an EQ, applied after the model
-    from voiced.engines.base import Conditioning
     from voiced.engines.kokoro import post
 
     cloned = Conditioning.from_npz({**dict(voice), "warp": np.array([1.08], np.float32),
@@ -345,6 +366,16 @@ def main() -> int:
                   f"refined {means['refined'][0]:.1%} ({means['refined'][0] / means['stock'][0]:.2f}x); on the five "
                   f"similarity sentences alone: stock {means['stock'][1]:.1%}  refined {means['refined'][1]:.1%} "
                   f"({means['refined'][1] / means['stock'][1]:.2f}x)")
+        if wers and args.tradeoff:
+            stock = engine.base_conditioning(stock_name)
+            steps = [f"0 (refined): {sims['refined']:.3f}, {wers['refined'][1]:.1%} / {wers['refined'][0]:.1%}"]
+            for alpha in TRADEOFF_STEPS:
+                between = toward(refined, stock, alpha)
+                sim = sim_of(between, "between")
+                fifteen, five = wer_of(between, spoken["between"])
+                steps.append(f"{alpha:g}: {sim:.3f}, {five:.1%} / {fifteen:.1%}")
+            steps.append(f"1 ({stock_name}): {sims['stock']:.3f}, {wers['stock'][1]:.1%} / {wers['stock'][0]:.1%}")
+            print(f"{name}: from refined to stock, similarity, WER on the five / all {len(WER_TEXTS)}: " + "; ".join(steps))
     return 0
 
 

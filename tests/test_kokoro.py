@@ -618,3 +618,19 @@ def test_refinement_paused_too_long_is_set_aside_and_run_again(engine, allison, 
     monkeypatch.setattr(library_module, "_MAX_PAUSE_S", 1.0)
     fits = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=5.0)
     assert len(fits) == 2 and "stopped" in fits[0] and "stopped" not in fits[1], fits
+
+
+def test_bench_tradeoff_line_runs_from_the_voice_to_the_stock_voice(bench_module, engine, voice):
+    stock = engine.base_conditioning(sorted(v for v in engine.voices if v != engine.default_voice)[0])
+    cloned = Conditioning({"style": engine.style_pack(voice), "warp": np.array([1.1], np.float32),
+                           "pitch": np.array([0.9], np.float32), "eq": np.linspace(-6, 6, 24).astype(np.float32)}, {})
+    start, middle, end = (bench_module.toward(cloned, stock, a) for a in (0.0, 0.5, 1.0))
+    assert np.array_equal(start["style"], cloned["style"]) and engine.voicing(start)[:2] == pytest.approx((1.1, 0.9))
+    assert np.array_equal(start["eq"], cloned["eq"])
+    assert np.allclose(middle["style"], (engine.style_pack(voice) + engine.style_pack(stock)) / 2)
+    assert engine.voicing(middle)[:2] == pytest.approx((1.1 ** 0.5, 0.9 ** 0.5))
+    assert np.array_equal(end["style"], engine.style_pack(stock)) and engine.voicing(end)[:2] == (1.0, 1.0)
+    assert not np.any(end["eq"])
+    text = "The line ends at the stock voice."
+    a, b = engine.synthesize_all(text, end), engine.synthesize_all(text, stock)
+    assert len(a) == len(b) and np.abs(a - b).max() < 0.01 * np.abs(b).max()
