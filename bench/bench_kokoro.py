@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
 from voiced.engines.kokoro.engine import IDLE_RELEASE_S, MAX_TOKENS  # noqa: E402
+from voiced.engines.kokoro.fitting import resample_24k_to_16k  # noqa: E402
 
 RTF_TEXT = ("The old lighthouse keeper climbed the stairs every evening, lit the great lamp, "
             "and watched the ships pass safely through the narrow channel below.")
@@ -164,36 +165,11 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "voiced-kokoro-bench"))
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--fit-budget", type=float, default=60.0)
-    ap.add_argument("--no-fit", action="store_true")
-    ap.add_argument("--speakers", default="allison_a.wav,carlo_a.wav,june_a.wav")
-    ap.add_argument("--wer-speeds", action="store_true",
-                    help=f"also take the stock and refined WER at speeds {', '.join(map(str, JITTER_SPEEDS))} "
-                         "and print their means: how much of a difference is the sentences' luck")
-    ap.add_argument("--tradeoff", action="store_true",
-                    help=f"also print similarity and WER for voices {', '.join(map(str, TRADEOFF_STEPS))} of the way "
-                         "from each refined voice to its best stock voice")
-    ap.add_argument("--base-voices", action="store_true",
-                    help="print each base voice's WER on BASE_VOICE_TEXTS and on the held-out sentences, and stop")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)  # each fit's evaluations, warp, pitch
-
+def engine_figures(engine: KokoroEngine) -> None:
+    """RTF against a bare onnxruntime call, a cloned voice's RTF, time to first chunk, memory."""
     import psutil
 
     proc = psutil.Process()
-    rss0 = proc.memory_info().rss
-    engine = KokoroEngine(args.cache, threads=args.threads)
-    t0 = time.perf_counter()
-    engine.load(args.device)
-    print(f"load+warm-up: {time.perf_counter() - t0:.2f} s on {engine.device}; "
-          f"RSS after load {proc.memory_info().rss / 2**20:.0f} MiB (+{(proc.memory_info().rss - rss0) / 2**20:.0f})")
-
     voice = engine.default_conditioning()
     (ps,) = engine.phonemize(RTF_TEXT)
     tokens = engine.tokens(ps)[:MAX_TOKENS]
@@ -243,139 +219,188 @@ def main() -> int:
     _, t_warm = _best_of_each([after_release, lambda: engine.synthesize_all(RTF_TEXT, voice)], 5)
     print(f"the RTF text right after a release {min(times):.3f} s, warm {t_warm:.3f} s (best of five each)")
 
-    if args.no_fit:
-        return 0
-    try:
-        import soundfile as sf
 
-        from voiced.encoder import SpeakerEncoder, cosine
-    except ImportError as exc:
-        print(f"cloning skipped: {exc}")
-        return 0
-    from voiced.engines.kokoro.fitting import resample_24k_to_16k
+class Intelligibility:
+    """Word error counts of the engine's outputs, as pocketsphinx hears them."""
 
-    try:
-        import pocketsphinx
+    def __init__(self, engine: KokoroEngine, recognise: Recogniser) -> None:
+        self.engine = engine
+        self.recognise = recognise
 
-        recognise: Recogniser | None = Recogniser()
-        print(f"WER by pocketsphinx {getattr(pocketsphinx, '__version__', None) or _dist_version('pocketsphinx')} "
-              f"on {len(WER_TEXTS)} held-out sentences ({sum(len(_words(t)) for t in WER_TEXTS)} words)")
-    except ImportError:
-        recognise = None
-        print("WER skipped: pip install pocketsphinx")
+    def counts(self, texts: Sequence[str], audio: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+        """(errors, words) per text, for the 24 kHz outputs ``audio``."""
+        return [wer(text, self.recognise(resample_24k_to_16k(a))) for text, a in zip(texts, audio)]
 
-    def error_counts(texts: Sequence[str], audio: Sequence[np.ndarray]) -> list[tuple[int, int]]:
-        """(errors, words) per text, for the 24 kHz outputs ``audio`` heard by pocketsphinx."""
-        return [wer(text, recognise(resample_24k_to_16k(a))) for text, a in zip(texts, audio)]
-
+    @staticmethod
     def rate(counts: Sequence[tuple[int, int]]) -> float:
         return sum(e for e, _ in counts) / sum(n for _, n in counts)
 
-    def wer_of(cond, sim_audio: Sequence[np.ndarray] = (), speed: float = 1.0) -> tuple[float, float]:
+    def of(self, cond: Conditioning, sim_audio: Sequence[np.ndarray] = (), speed: float = 1.0) -> tuple[float, float]:
         """(WER on all of WER_TEXTS, WER on SIM_TEXTS alone); ``sim_audio``: outputs already spoken
         for the first texts (the similarity's), the rest are synthesized at ``speed``."""
         spoken = list(sim_audio)
-        audio = [*spoken, *(engine.synthesize_all(text, cond, {"speed": speed}) for text in WER_TEXTS[len(spoken):])]
-        counts = error_counts(WER_TEXTS, audio)
-        return rate(counts), rate(counts[: len(SIM_TEXTS)])
+        audio = [*spoken, *(self.engine.synthesize_all(text, cond, {"speed": speed}) for text in WER_TEXTS[len(spoken):])]
+        counts = self.counts(WER_TEXTS, audio)
+        return self.rate(counts), self.rate(counts[: len(SIM_TEXTS)])
 
+
+def base_voice_figures(engine: KokoroEngine, heard: Intelligibility) -> None:
+    """Each base voice's WER on BASE_VOICE_TEXTS and on the held-out sentences."""
+    for name in sorted(engine.voices):
+        cond = engine.base_conditioning(name)
+        counts = heard.counts(BASE_VOICE_TEXTS, [engine.synthesize_all(text, cond) for text in BASE_VOICE_TEXTS])
+        errors, words = sum(e for e, _ in counts), sum(n for _, n in counts)
+        fifteen, five = heard.of(cond)
+        print(f"{name}: WER {heard.rate(counts):.1%} ({errors} of {words} words, {len(BASE_VOICE_TEXTS)} sentences); "
+              f"on the {len(WER_TEXTS)} held-out sentences {fifteen:.1%}, the five similarity sentences {five:.1%}")
+
+
+def clone_figures(engine: KokoroEngine, fitter, heard: Intelligibility | None, name: str, args: argparse.Namespace) -> None:
+    """Fit one test speaker and print its similarity (and WER) figures, stock / quick / refined."""
+    import soundfile as sf
+
+    from voiced.encoder import cosine
+
+    wav, sr = sf.read(TESTDATA / "voices" / name, dtype="float32")
+    emb = engine.encoder.embed(wav)
+    t0 = time.perf_counter()
+    quick = engine.prepare_voice(wav, emb, stage="quick")
+    t_quick = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    refined = engine.prepare_voice(wav, emb, stage="refined", budget_s=args.fit_budget, previous=quick)
+    t_ref = time.perf_counter() - t0
+    # a second recording of the speaker (X_b.*), never seen by the fitter: a check that the
+    # similarity is the speaker's, not only the first clip's
+    others = sorted((TESTDATA / "voices").glob(name.replace("_a.", "_b.").rsplit(".", 1)[0] + ".*"))
+    emb_b = engine.encoder.embed(sf.read(others[0], dtype="float32")[0]) if others else None
+    cross: dict[str, float] = {}
+    whole: dict[str, float] = {}
+    lengths: dict[str, list[int]] = {}
+    spoken: dict[str, list[np.ndarray]] = {}  # SIM_TEXTS' audio per label: the WER is taken on the same outputs
+
+    def sim_of(cond: Conditioning, label: str | None = None) -> float:
+        audio = [engine.synthesize_all(text, cond) for text in SIM_TEXTS]
+        outs = [fitter.embed_audio(a) for a in audio]
+        if label is not None:
+            spoken[label] = audio
+            lengths[label] = [len(a) for a in audio]
+            whole[label] = cosine(fitter.embed_audio(np.concatenate(audio)), emb)
+            if emb_b is not None:
+                cross[label] = float(np.mean([cosine(o, emb_b) for o in outs]))
+        return float(np.mean([cosine(o, emb) for o in outs]))
+
+    stock_sims = {voice: sim_of(engine.base_conditioning(voice), voice) for voice in sorted(engine.voices)}
+    stock_name = max(stock_sims, key=stock_sims.get)
+    stock = engine.base_conditioning(stock_name)
+    cross["stock"] = cross.get(stock_name, float("nan"))
+    whole["stock"] = whole.get(stock_name, float("nan"))
+    sims = {"stock": stock_sims[stock_name], "quick": sim_of(quick, "quick"), "refined": sim_of(refined, "refined")}
+    wers = {}
+    if heard is not None:
+        for label, cond, key in (("stock", stock, stock_name), ("quick", quick, "quick"), ("refined", refined, "refined")):
+            wers[label] = heard.of(cond, spoken[key])
+    warp = float(np.asarray(refined["warp"]).reshape(-1)[0]) if "warp" in refined else 1.0
+    pitch = float(np.asarray(refined["pitch"]).reshape(-1)[0]) if "pitch" in refined else 1.0
+    eq = np.asarray(refined["eq"]) if "eq" in refined else np.zeros(1)
+    print(f"{name}: stock({stock_name}) {sims['stock']:.3f}  quick {sims['quick']:.3f} ({t_quick:.1f} s)  "
+          f"refined {sims['refined']:.3f} ({t_ref:.0f} s, {refined.meta['evaluations']} evals)  "
+          f"gain {sims['refined'] - sims['stock']:+.3f}  [refined warp {warp:.3f}, pitch {pitch:.3f}, eq {eq.min():+.1f}..{eq.max():+.1f} dB; "
+          f"targets >= 0.80 {'met' if sims['refined'] >= 0.80 else 'NOT met'}, "
+          f"gain >= +0.15 {'met' if sims['refined'] - sims['stock'] >= 0.15 else 'NOT met'}]")
+    print(f"{name}: the five sentences embedded as one utterance, as the reference is: stock {whole['stock']:.3f}  "
+          f"quick {whole['quick']:.3f}  refined {whole['refined']:.3f}")
+    if emb_b is not None:
+        print(f"{name}: vs {others[0].name} (unseen clip): stock {cross['stock']:.3f}  quick {cross['quick']:.3f}  "
+              f"refined {cross['refined']:.3f}; EQ tuning {refined.meta.get('eq_tuning')}")
+        # the scale for real speech: the other recording, in pieces as long as the sentences
+        wav_b = sf.read(others[0], dtype="float32")[0]
+        n = int(lengths["refined"][0] / engine.sample_rate * 16_000)
+        pieces = [wav_b[i:i + n] for i in range(0, len(wav_b) - n + 1, n)]
+        print(f"{name}: real speech for scale, {others[0].name} vs the reference: in {len(pieces)} pieces of "
+              f"{n / 16_000:.1f} s {np.mean([cosine(engine.encoder.embed(p), emb) for p in pieces]):.3f}, "
+              f"whole {cosine(emb_b, emb):.3f}")
+    if heard is None:
+        return
+    ratio = wers["refined"][0] / wers["stock"][0] if wers["stock"][0] > 0 else float("inf") if wers["refined"][0] > 0 else 1.0
+    print(f"{name}: WER stock {wers['stock'][0]:.1%}  quick {wers['quick'][0]:.1%}  refined {wers['refined'][0]:.1%}  "
+          f"refined/stock {ratio:.2f} ({'within' if ratio <= 1.25 else 'OVER'} the 1.25x limit); "
+          f"on the five similarity sentences alone: stock {wers['stock'][1]:.1%}  quick {wers['quick'][1]:.1%}  "
+          f"refined {wers['refined'][1]:.1%}")
+    if args.wer_speeds:
+        means = {label: np.mean([heard.of(cond, speed=speed) for speed in JITTER_SPEEDS], axis=0)
+                 for label, cond in (("stock", stock), ("refined", refined))}
+        print(f"{name}: mean WER over speeds {JITTER_SPEEDS[0]}-{JITTER_SPEEDS[-1]}: stock {means['stock'][0]:.1%}  "
+              f"refined {means['refined'][0]:.1%} ({means['refined'][0] / means['stock'][0]:.2f}x); on the five "
+              f"similarity sentences alone: stock {means['stock'][1]:.1%}  refined {means['refined'][1]:.1%} "
+              f"({means['refined'][1] / means['stock'][1]:.2f}x)")
+    if args.tradeoff:
+        steps = [f"0 (refined): {sims['refined']:.3f}, {wers['refined'][1]:.1%} / {wers['refined'][0]:.1%}"]
+        for alpha in TRADEOFF_STEPS:
+            between = toward(refined, stock, alpha)
+            sim = sim_of(between, "between")
+            fifteen, five = heard.of(between, spoken["between"])
+            steps.append(f"{alpha:g}: {sim:.3f}, {five:.1%} / {fifteen:.1%}")
+        steps.append(f"1 ({stock_name}): {sims['stock']:.3f}, {wers['stock'][1]:.1%} / {wers['stock'][0]:.1%}")
+        print(f"{name}: from refined to stock, similarity, WER on the five / all {len(WER_TEXTS)}: " + "; ".join(steps))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "voiced-kokoro-bench"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fit-budget", type=float, default=60.0)
+    ap.add_argument("--no-fit", action="store_true")
+    ap.add_argument("--speakers", default="allison_a.wav,carlo_a.wav,june_a.wav")
+    ap.add_argument("--wer-speeds", action="store_true",
+                    help=f"also take the stock and refined WER at speeds {', '.join(map(str, JITTER_SPEEDS))} "
+                         "and print their means: how much of a difference is the sentences' luck")
+    ap.add_argument("--tradeoff", action="store_true",
+                    help=f"also print similarity and WER for voices {', '.join(map(str, TRADEOFF_STEPS))} of the way "
+                         "from each refined voice to its best stock voice")
+    ap.add_argument("--base-voices", action="store_true",
+                    help="print each base voice's WER on BASE_VOICE_TEXTS and on the held-out sentences, and stop")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)  # each fit's evaluations, warp, pitch
+
+    import psutil
+
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    engine = KokoroEngine(args.cache, threads=args.threads)
+    t0 = time.perf_counter()
+    engine.load(args.device)
+    print(f"load+warm-up: {time.perf_counter() - t0:.2f} s on {engine.device}; "
+          f"RSS after load {proc.memory_info().rss / 2**20:.0f} MiB (+{(proc.memory_info().rss - rss0) / 2**20:.0f})")
+    engine_figures(engine)
+    if args.no_fit:
+        return 0
+    try:
+        from voiced.encoder import SpeakerEncoder  # torch, the GE2E weights
+    except ImportError as exc:
+        print(f"cloning skipped: {exc}")
+        return 0
+    try:
+        import pocketsphinx
+
+        heard: Intelligibility | None = Intelligibility(engine, Recogniser())
+        print(f"WER by pocketsphinx {getattr(pocketsphinx, '__version__', None) or _dist_version('pocketsphinx')} "
+              f"on {len(WER_TEXTS)} held-out sentences ({sum(len(_words(t)) for t in WER_TEXTS)} words)")
+    except ImportError:
+        heard = None
+        print("WER skipped: pip install pocketsphinx")
     if args.base_voices:
-        if recognise is None:
+        if heard is None:
             return 1
-        for name in sorted(engine.voices):
-            cond = engine.base_conditioning(name)
-            counts = error_counts(BASE_VOICE_TEXTS, [engine.synthesize_all(text, cond) for text in BASE_VOICE_TEXTS])
-            errors, words = sum(e for e, _ in counts), sum(n for _, n in counts)
-            fifteen, five = wer_of(cond)
-            print(f"{name}: WER {rate(counts):.1%} ({errors} of {words} words, {len(BASE_VOICE_TEXTS)} sentences); "
-                  f"on the {len(WER_TEXTS)} held-out sentences {fifteen:.1%}, the five similarity sentences {five:.1%}")
+        base_voice_figures(engine, heard)
         return 0
     engine._encoder = SpeakerEncoder(device="cpu")
     t0 = time.perf_counter()
     fitter = engine.fitter()
     print(f"fitter ready in {time.perf_counter() - t0:.1f} s")
     for name in args.speakers.split(","):
-        wav, sr = sf.read(TESTDATA / "voices" / name, dtype="float32")
-        emb = engine.encoder.embed(wav)
-        t0 = time.perf_counter()
-        quick = engine.prepare_voice(wav, emb, stage="quick")
-        t_quick = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        refined = engine.prepare_voice(wav, emb, stage="refined", budget_s=args.fit_budget, previous=quick)
-        t_ref = time.perf_counter() - t0
-        # a second recording of the speaker (X_b.*), never seen by the fitter: a check that the
-        # similarity is the speaker's, not only the first clip's
-        others = sorted((TESTDATA / "voices").glob(name.replace("_a.", "_b.").rsplit(".", 1)[0] + ".*"))
-        emb_b = engine.encoder.embed(sf.read(others[0], dtype="float32")[0]) if others else None
-        cross: dict[str, float] = {}
-        whole: dict[str, float] = {}
-        lengths: dict[str, list[int]] = {}
-        spoken: dict[str, list[np.ndarray]] = {}  # SIM_TEXTS' audio per label: the WER is taken on the same outputs
-
-        def sim_of(cond, label: str | None = None) -> float:
-            audio = [engine.synthesize_all(text, cond) for text in SIM_TEXTS]
-            outs = [fitter.embed_audio(a) for a in audio]
-            if label is not None:
-                spoken[label] = audio
-                lengths[label] = [len(a) for a in audio]
-                whole[label] = cosine(fitter.embed_audio(np.concatenate(audio)), emb)
-                if emb_b is not None:
-                    cross[label] = float(np.mean([cosine(o, emb_b) for o in outs]))
-            return float(np.mean([cosine(o, emb) for o in outs]))
-
-        stock_sims = {voice: sim_of(engine.base_conditioning(voice), voice) for voice in sorted(engine.voices)}
-        stock_name = max(stock_sims, key=stock_sims.get)
-        cross["stock"] = cross.get(stock_name, float("nan"))
-        whole["stock"] = whole.get(stock_name, float("nan"))
-        sims = {"stock": stock_sims[stock_name], "quick": sim_of(quick, "quick"), "refined": sim_of(refined, "refined")}
-        wers = {}
-        if recognise is not None:
-            for label, cond, key in (("stock", engine.base_conditioning(stock_name), stock_name), ("quick", quick, "quick"),
-                                     ("refined", refined, "refined")):
-                wers[label] = wer_of(cond, spoken[key])
-        warp = float(np.asarray(refined["warp"]).reshape(-1)[0]) if "warp" in refined else 1.0
-        pitch = float(np.asarray(refined["pitch"]).reshape(-1)[0]) if "pitch" in refined else 1.0
-        eq = np.asarray(refined["eq"]) if "eq" in refined else np.zeros(1)
-        print(f"{name}: stock({stock_name}) {sims['stock']:.3f}  quick {sims['quick']:.3f} ({t_quick:.1f} s)  "
-              f"refined {sims['refined']:.3f} ({t_ref:.0f} s, {refined.meta['evaluations']} evals)  "
-              f"gain {sims['refined'] - sims['stock']:+.3f}  [refined warp {warp:.3f}, pitch {pitch:.3f}, eq {eq.min():+.1f}..{eq.max():+.1f} dB; "
-              f"targets >= 0.80 {'met' if sims['refined'] >= 0.80 else 'NOT met'}, "
-              f"gain >= +0.15 {'met' if sims['refined'] - sims['stock'] >= 0.15 else 'NOT met'}]")
-        print(f"{name}: the five sentences embedded as one utterance, as the reference is: stock {whole['stock']:.3f}  "
-              f"quick {whole['quick']:.3f}  refined {whole['refined']:.3f}")
-        if emb_b is not None:
-            print(f"{name}: vs {others[0].name} (unseen clip): stock {cross['stock']:.3f}  quick {cross['quick']:.3f}  "
-                  f"refined {cross['refined']:.3f}; EQ tuning {refined.meta.get('eq_tuning')}")
-            # the scale for real speech: the other recording, in pieces as long as the sentences
-            wav_b = sf.read(others[0], dtype="float32")[0]
-            n = int(lengths["refined"][0] / engine.sample_rate * 16_000)
-            pieces = [wav_b[i:i + n] for i in range(0, len(wav_b) - n + 1, n)]
-            print(f"{name}: real speech for scale, {others[0].name} vs the reference: in {len(pieces)} pieces of "
-                  f"{n / 16_000:.1f} s {np.mean([cosine(engine.encoder.embed(p), emb) for p in pieces]):.3f}, "
-                  f"whole {cosine(emb_b, emb):.3f}")
-        if wers:
-            ratio = wers["refined"][0] / wers["stock"][0] if wers["stock"][0] > 0 else float("inf") if wers["refined"][0] > 0 else 1.0
-            print(f"{name}: WER stock {wers['stock'][0]:.1%}  quick {wers['quick'][0]:.1%}  refined {wers['refined'][0]:.1%}  "
-                  f"refined/stock {ratio:.2f} ({'within' if ratio <= 1.25 else 'OVER'} the 1.25x limit); "
-                  f"on the five similarity sentences alone: stock {wers['stock'][1]:.1%}  quick {wers['quick'][1]:.1%}  "
-                  f"refined {wers['refined'][1]:.1%}")
-        if wers and args.wer_speeds:
-            means = {label: np.mean([wer_of(cond, speed=speed) for speed in JITTER_SPEEDS], axis=0)
-                     for label, cond in (("stock", engine.base_conditioning(stock_name)), ("refined", refined))}
-            print(f"{name}: mean WER over speeds {JITTER_SPEEDS[0]}-{JITTER_SPEEDS[-1]}: stock {means['stock'][0]:.1%}  "
-                  f"refined {means['refined'][0]:.1%} ({means['refined'][0] / means['stock'][0]:.2f}x); on the five "
-                  f"similarity sentences alone: stock {means['stock'][1]:.1%}  refined {means['refined'][1]:.1%} "
-                  f"({means['refined'][1] / means['stock'][1]:.2f}x)")
-        if wers and args.tradeoff:
-            stock = engine.base_conditioning(stock_name)
-            steps = [f"0 (refined): {sims['refined']:.3f}, {wers['refined'][1]:.1%} / {wers['refined'][0]:.1%}"]
-            for alpha in TRADEOFF_STEPS:
-                between = toward(refined, stock, alpha)
-                sim = sim_of(between, "between")
-                fifteen, five = wer_of(between, spoken["between"])
-                steps.append(f"{alpha:g}: {sim:.3f}, {five:.1%} / {fifteen:.1%}")
-            steps.append(f"1 ({stock_name}): {sims['stock']:.3f}, {wers['stock'][1]:.1%} / {wers['stock'][0]:.1%}")
-            print(f"{name}: from refined to stock, similarity, WER on the five / all {len(WER_TEXTS)}: " + "; ".join(steps))
+        clone_figures(engine, fitter, heard, name, args)
     return 0
 
 
