@@ -623,7 +623,7 @@ def test_refinement_paused_too_long_is_set_aside_and_run_again(engine, allison, 
 def test_bench_tradeoff_line_runs_from_the_voice_to_the_stock_voice(bench_module, engine, voice):
     stock = engine.base_conditioning(sorted(v for v in engine.voices if v != engine.default_voice)[0])
     cloned = Conditioning({"style": engine.style_pack(voice), "warp": np.array([1.1], np.float32),
-                           "pitch": np.array([0.9], np.float32), "eq": np.linspace(-6, 6, 24).astype(np.float32)}, {})
+                           "pitch": np.array([0.9], np.float32), "eq": np.linspace(-6, 6, post.N_BANDS).astype(np.float32)}, {})
     start, middle, end = (bench_module.toward(cloned, stock, a) for a in (0.0, 0.5, 1.0))
     assert np.array_equal(start["style"], cloned["style"]) and engine.voicing(start)[:2] == pytest.approx((1.1, 0.9))
     assert np.array_equal(start["eq"], cloned["eq"])
