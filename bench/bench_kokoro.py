@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
 from voiced.engines.kokoro.engine import IDLE_RELEASE_S, MAX_TOKENS  # noqa: E402
-from voiced.engines.kokoro.fitting import resample_24k_to_16k  # noqa: E402
+from voiced.engines.kokoro.fitting import StyleFitter, resample_24k_to_16k  # noqa: E402
 
 RTF_TEXT = ("The old lighthouse keeper climbed the stairs every evening, lit the great lamp, "
             "and watched the ships pass safely through the narrow channel below.")
@@ -255,7 +255,7 @@ def base_voice_figures(engine: KokoroEngine, heard: Intelligibility) -> None:
               f"on the {len(WER_TEXTS)} held-out sentences {fifteen:.1%}, the five similarity sentences {five:.1%}")
 
 
-def clone_figures(engine: KokoroEngine, fitter, heard: Intelligibility | None, name: str, args: argparse.Namespace) -> None:
+def clone_figures(engine: KokoroEngine, fitter: StyleFitter, heard: Intelligibility | None, name: str, args: argparse.Namespace) -> None:
     """Fit one test speaker and print its similarity (and WER) figures, stock / quick / refined."""
     import soundfile as sf
 
