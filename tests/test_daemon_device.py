@@ -70,5 +70,5 @@ def test_voices_are_embedded_on_the_machines_device(tmp_path: Path, testdata_dir
     cpu = SpeakerEncoder(device="cpu", precision="fp32")
     for clip, result in zip(clips, results):
         assert result.error is None and result.cached, result
-        assert cosine(result.embedding, cpu.embed_file(clip)) > 0.9999
+        assert cosine(result.embedding, cpu.embed_file(clip)) > 0.999  # bf16 on CPUs that have it: >= 0.9999
         assert np.isclose(np.linalg.norm(result.embedding), 1.0, atol=1e-5)
