@@ -275,19 +275,22 @@ def clone_figures(engine: KokoroEngine, fitter: StyleFitter, heard: Intelligibil
     emb_b = engine.encoder.embed(sf.read(others[0], dtype="float32")[0]) if others else None
     cross: dict[str, float] = {}
     whole: dict[str, float] = {}
-    lengths: dict[str, list[int]] = {}
     spoken: dict[str, list[np.ndarray]] = {}  # SIM_TEXTS' audio per label: the WER is taken on the same outputs
 
-    def sim_of(cond: Conditioning, label: str | None = None) -> float:
+    def speak(cond: Conditioning) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+        """SIM_TEXTS spoken in ``cond``, each output's embedding, and their mean cosine to the reference."""
         audio = [engine.synthesize_all(text, cond) for text in SIM_TEXTS]
         outs = [fitter.embed_audio(a) for a in audio]
-        if label is not None:
-            spoken[label] = audio
-            lengths[label] = [len(a) for a in audio]
-            whole[label] = cosine(fitter.embed_audio(np.concatenate(audio)), emb)
-            if emb_b is not None:
-                cross[label] = float(np.mean([cosine(o, emb_b) for o in outs]))
-        return float(np.mean([cosine(o, emb) for o in outs]))
+        return audio, outs, float(np.mean([cosine(o, emb) for o in outs]))
+
+    def sim_of(cond: Conditioning, label: str) -> float:
+        """The similarity, keeping the audio and the figures beside it under ``label``."""
+        audio, outs, sim = speak(cond)
+        spoken[label] = audio
+        whole[label] = cosine(fitter.embed_audio(np.concatenate(audio)), emb)
+        if emb_b is not None:
+            cross[label] = float(np.mean([cosine(o, emb_b) for o in outs]))
+        return sim
 
     stock_sims = {voice: sim_of(engine.base_conditioning(voice), voice) for voice in sorted(engine.voices)}
     stock_name = max(stock_sims, key=stock_sims.get)
@@ -314,7 +317,7 @@ def clone_figures(engine: KokoroEngine, fitter: StyleFitter, heard: Intelligibil
               f"refined {cross['refined']:.3f}; EQ tuning {refined.meta.get('eq_tuning')}")
         # the scale for real speech: the other recording, in pieces as long as the sentences
         wav_b = sf.read(others[0], dtype="float32")[0]
-        n = int(lengths["refined"][0] / engine.sample_rate * 16_000)
+        n = int(len(spoken["refined"][0]) / engine.sample_rate * 16_000)
         pieces = [wav_b[i:i + n] for i in range(0, len(wav_b) - n + 1, n)]
         print(f"{name}: real speech for scale, {others[0].name} vs the reference: in {len(pieces)} pieces of "
               f"{n / 16_000:.1f} s {np.mean([cosine(engine.encoder.embed(p), emb) for p in pieces]):.3f}, "
@@ -337,8 +340,8 @@ def clone_figures(engine: KokoroEngine, fitter: StyleFitter, heard: Intelligibil
         steps = [f"0 (refined): {sims['refined']:.3f}, {wers['refined'][1]:.1%} / {wers['refined'][0]:.1%}"]
         for alpha in TRADEOFF_STEPS:
             between = toward(refined, stock, alpha)
-            sim = sim_of(between, "between")
-            fifteen, five = heard.of(between, spoken["between"])
+            audio, _, sim = speak(between)
+            fifteen, five = heard.of(between, audio)
             steps.append(f"{alpha:g}: {sim:.3f}, {five:.1%} / {fifteen:.1%}")
         steps.append(f"1 ({stock_name}): {sims['stock']:.3f}, {wers['stock'][1]:.1%} / {wers['stock'][0]:.1%}")
         print(f"{name}: from refined to stock, similarity, WER on the five / all {len(WER_TEXTS)}: " + "; ".join(steps))
