@@ -519,14 +519,9 @@ def test_size_limit_evicts_lru(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_file_records_roundtrip_and_forget(cache: Cache) -> None:
     records = [FileRecord(f"dir/v{i}.wav", i * 1000, 1_700_000_000_000_000_000 + i, i, source(i)) for i in range(10_000)]
-    t0 = time.perf_counter()
     cache.record_files(records)
-    t1 = time.perf_counter()
-    got = cache.file_records()
-    t2 = time.perf_counter()
-    assert got == {r.path: r for r in records}
-    # Generous bounds (a loaded CI box); bench/bench_cache.py reports the real figures.
-    assert t1 - t0 < 2.0 and t2 - t1 < 0.5
+    # how long these take is bench/bench_cache.py's figure, not a test's: it depends on the machine
+    assert cache.file_records() == {r.path: r for r in records}
     cache.forget_files(f"dir/v{i}.wav" for i in range(0, 10_000, 2))
     cache.forget_file("not/recorded.wav")
     assert len(cache.file_records()) == 5_000

@@ -381,6 +381,7 @@ class StyleFitter:
         max_evals: int | None = None,
         method: str = "jacobian",
         reference: np.ndarray | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> Conditioning:
         """Improve on the quick voice with real synthesis + GE2E within ``budget_s`` (default 60 s).
 
@@ -393,9 +394,10 @@ class StyleFitter:
         ``method="cmaes"``: CMA-ES on blend logits + offsets, seeded from the embedding bytes.
         ``reference`` (16 kHz) gives the spectrum to match; without it the one the quick stage
         recorded in its meta is used. ``budget_s`` sets the work (see ``work_for_budget``);
-        ``max_evals`` overrides its number of search evaluations.
+        ``max_evals`` overrides its number of search evaluations. ``clock`` (seconds) is read
+        for the time cap only; tests give one that does not depend on the machine's speed.
         """
-        clock = _Clock(should_stop)
+        clock = _Clock(should_stop, clock)
         t0 = clock.now()
         t = _unit(target)
         budget = max(0.0, DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s))
@@ -650,29 +652,31 @@ def _pitch_penalty(pitch: float) -> float:
 
 
 class _Clock:
-    """perf_counter time that stands still while ``should_stop`` blocks.
+    """``source`` time (perf_counter by default) that stands still while ``should_stop`` blocks.
 
     The daemon pauses a fit (its ``should_stop`` does not return) while synthesis requests wait,
     so a time budget must count only the time the fit ran. ``stopped`` records a True answer:
     the caller wants the stage abandoned.
     """
 
-    def __init__(self, should_stop: Callable[[], bool] | None) -> None:
+    def __init__(self, should_stop: Callable[[], bool] | None,
+                 source: Callable[[], float] = time.perf_counter) -> None:
         self._should_stop = should_stop
+        self._source = source
         self.paused = 0.0
         self.stopped = False
 
     def now(self) -> float:
-        return time.perf_counter() - self.paused
+        return self._source() - self.paused
 
     def stop(self) -> bool:
         if self._should_stop is None:
             return False
-        t0 = time.perf_counter()
+        t0 = self._source()
         try:
             self.stopped = self.stopped or bool(self._should_stop())
         finally:
-            self.paused += time.perf_counter() - t0
+            self.paused += self._source() - t0
         return self.stopped
 
 
