@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ import zmq
 
 from voiced import cli
 from voiced.cache import Cache, sha256_file
-from voiced.client import Client, ClientTimeout, RequestError
+from voiced.client import Client, ClientTimeout, RequestError, Unreachable
 from voiced.testing import DaemonProcess, free_port
 
 
@@ -467,13 +468,40 @@ def test_extra_frames_and_oversized_messages(daemon: DaemonProcess) -> None:
     big.close(0)
     with daemon.client() as client:
         assert client.ping()["protocol"] == 1
-    # through the client: the wait for an answer that cannot come ends saying why
-    with Client(daemon.tcp, timeout_s=2) as client, pytest.raises(ClientTimeout, match="max_message_bytes"):
+    # through the client: the daemon drops the connection, and the client says why at once (not
+    # after its 60 s timeout)
+    started = time.monotonic()
+    with Client(daemon.tcp) as client, pytest.raises(Unreachable, match="closed the connection.*max_message_bytes"):
         client.synthesize("Hello. " * 200_000, voice="anyone")
+    assert time.monotonic() - started < 30
+    with daemon.client() as client:
+        assert client.ping()["protocol"] == 1
     nobody = f"tcp://127.0.0.1:{free_port()}"
     with Client(nobody, timeout_s=0.5) as client, pytest.raises(ClientTimeout) as info:
-        client.synthesize("Hello.", voice="anyone")  # a timeout on a small request has no such hint
+        client.synthesize("Hello.", voice="anyone")  # a small request has no such hint
     assert "max_message_bytes" not in str(info.value)
+
+
+def test_client_commands_without_a_daemon_say_so_at_once(tmp_path: Path) -> None:
+    """Nothing listens: one line naming the endpoint and 'voiced serve', long before the 60 s timeout."""
+    stale = tmp_path / "stale.sock"  # a socket file left by a daemon that died: nothing listens
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(stale))
+    endpoints = {
+        f"tcp://127.0.0.1:{free_port()}": "connection refused",
+        f"ipc://{tmp_path / 'missing.sock'}": "no such socket file",
+        f"ipc://{stale}": "connection refused",
+    }
+    for endpoint, why in endpoints.items():
+        for command in (["status"], ["voices", "--json"], ["say", "Hello.", "--voice", "anyone", "-o", str(tmp_path / "x.wav")]):
+            started = time.monotonic()
+            result = subprocess.run([sys.executable, "-m", "voiced", *command, "--endpoint", endpoint],
+                                    capture_output=True, text=True, timeout=120)
+            took = time.monotonic() - started
+            assert result.returncode == 1 and result.stdout == "", (command, result)
+            assert result.stderr == f"voiced: no daemon listens at {endpoint} ({why}); start one with 'voiced serve'\n"
+            assert took < 30, f"{command} took {took:.1f}s: it waited for the timeout"
+    assert not (tmp_path / "x.wav").exists()
 
 
 # ---------------------------------------------------------------------------- signals

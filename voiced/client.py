@@ -10,7 +10,9 @@
             player.write(chunk.audio)          # pcm_s16le at chunk.header["sample_rate"]
 
 Every call raises :class:`RequestError` (with the protocol's error ``code``) when the daemon
-answers ``ok: false``, and :class:`ClientTimeout` when it does not answer in time. One client
+answers ``ok: false``, :class:`Unreachable` as soon as ZeroMQ reports that no daemon can answer
+(nothing listens, the key is refused, the connection closed), and :class:`ClientTimeout` when it
+does not answer in time. One client
 object is meant for one thread; make one per thread.
 """
 
@@ -45,6 +47,15 @@ class RequestError(VoicedError):
 
 class ClientTimeout(VoicedError):
     """No answer within the client's timeout (is the daemon running at that endpoint?)."""
+
+
+class Unreachable(ClientTimeout):
+    """No daemon can answer: nothing listens at the endpoint, what listens refused this client (its
+    CURVE key) or does not speak the protocol, or the connection closed before the answer came.
+
+    Raised as soon as ZeroMQ reports it, not at the timeout. A kind of :class:`ClientTimeout`, so
+    code that waits for a daemon to come up and retries keeps working.
+    """
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class Client:
             self._socket.setsockopt(zmq.CURVE_SERVERKEY, server_public)
             self._socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
             self._socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        self._link = _Link(self._socket, endpoint, curve=keys is not None)
         self._socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{id(self):x}-"
@@ -99,6 +111,7 @@ class Client:
         self._early: dict[str, list[Reply | RequestError]] = {}
 
     def close(self) -> None:
+        self._link.close()
         self._socket.close(0)
 
     def __enter__(self) -> Client:
@@ -114,6 +127,7 @@ class Client:
         request_id = f"{self._prefix}{next(self._ids)}"
         body = {"op": op, "id": request_id, **{k: v for k, v in fields.items() if v is not None}}
         data = json.dumps(body).encode("utf-8")
+        self._link.fresh()
         self._socket.send(data)
         self._pending.add(request_id)
         if len(data) > DEFAULT_MAX_MESSAGE_BYTES:
@@ -132,13 +146,16 @@ class Client:
             if early:
                 return self._deliver(request_id, early.pop(0))
             left = deadline - time.monotonic()
-            if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
+            if left <= 0 or not self._link.wait(int(left * 1000) + 1):
+                problem = self._link.problem()
                 self._pending.discard(request_id)
                 self._early.pop(request_id, None)
                 size = self._oversized.pop(request_id, None)
                 hint = "" if size is None else (
                     f"; the request was {size / 2**20:.1f} MiB, and a daemon drops a message over its "
                     f"[server] max_message_bytes ({DEFAULT_MAX_MESSAGE_BYTES >> 20} MiB unless set) without answering")
+                if problem is not None:
+                    raise Unreachable(problem + hint)
                 raise ClientTimeout(f"no answer from {self.endpoint} within {self.timeout_s:g}s{hint}")
             parts = self._socket.recv_multipart()
             if parts and parts[0] == b"":
@@ -231,3 +248,94 @@ class Client:
             if reply.header.get("final"):
                 return
             timeout = self.timeout_s
+
+
+class _Link:
+    """What ZeroMQ's socket monitor says about the connection to the daemon.
+
+    ZeroMQ reconnects silently, so without this a client of a daemon that is not running (or of
+    one that refuses its key) waits its whole timeout. A refused connection before any handshake
+    succeeded means nothing listens there; a failed handshake, a refused key or a wrong protocol;
+    a connection lost after the handshake while an answer is awaited, a daemon that went away.
+    """
+
+    _EVENTS = (zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+               | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+    def __init__(self, socket: zmq.Socket, endpoint: str, *, curve: bool) -> None:
+        self.endpoint, self.curve = endpoint, curve
+        self._monitor = socket.get_monitor_socket(self._EVENTS)
+        self._socket = socket
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self.up = False  # a handshake succeeded: a daemon is there
+        self._problem: str | None = None
+        self._handshake_failed: str | None = None
+
+    def wait(self, timeout_ms: int) -> bool:
+        """True once a reply can be read; False at the timeout or once a problem is known."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while self._problem is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            events = dict(self._poller.poll(int(left * 1000) + 1))
+            if self._monitor in events:
+                self._read_events()
+            if self._socket in events:
+                return True
+        return bool(self._socket.poll(0))  # a reply that came before the trouble is still read
+
+    def fresh(self) -> None:
+        """A request is sent: a connection lost or refused before it is not its problem (a daemon
+        still missing is reported again at ZeroMQ's next retry), but a failed handshake is: ZeroMQ
+        does not retry after a refused key or a protocol mismatch."""
+        self.problem()
+        self._problem = self._handshake_failed
+
+    def problem(self) -> str | None:
+        self._read_events()
+        return self._problem
+
+    def _read_events(self) -> None:
+        """Take in every event queued so far; the first problem among them is the one reported."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            found: str | None = None
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                if self.up:
+                    found = f"the daemon at {self.endpoint} closed the connection before answering"
+                self.up = False
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                found = (f"the daemon at {self.endpoint} refused this client's key: add its public key to the "
+                         "daemon's [server] curve_clients_dir, or use a key that is there")
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                found = (f"the CURVE handshake with {self.endpoint} failed: is --server-key the daemon's public "
+                         "key, and does the daemon use CURVE?" if self.curve else
+                         f"what listens at {self.endpoint} does not speak the voiced protocol without CURVE "
+                         "(a daemon with curve_secret_key set needs --server-key and --key)")
+            elif event == zmq.EVENT_CONNECT_RETRIED and not self.up:
+                found = f"no daemon listens at {self.endpoint}{self._why_not()}; start one with 'voiced serve'"
+            if found is not None and event & (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._handshake_failed = self._handshake_failed or found
+            if self._problem is None:
+                self._problem = found
+
+    def _why_not(self) -> str:
+        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[len("ipc://"):]):
+            return " (no such socket file)"
+        return " (connection refused)"
+
+    def close(self) -> None:
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
