@@ -28,6 +28,7 @@ import zmq
 from voiced import cli
 from voiced.cache import Cache, sha256_file
 from voiced.client import Client, ClientTimeout, RequestError, Unreachable
+from voiced.protocol import ERROR_CODES
 from voiced.testing import DaemonProcess, free_port
 
 
@@ -445,6 +446,87 @@ def test_bad_params_and_text(daemon: DaemonProcess, speaker: str) -> None:
                 client.synthesize(text, voice=speaker)
             assert info.value.code == "bad_request", repr(text)
         assert client.ping()["protocol"] == 1  # still serving
+
+
+# Every JSON type, and the extremes of each, for any field a request carries. (NaN and Infinity
+# make the frame invalid JSON; the rest reach the checks of each field.)
+EXTREMES: tuple[Any, ...] = (
+    None, True, False, 0, 1, -1, 3, 0.5, -0.0, 1e308, -1e308, 5e-324, 2**31, 2**63, -(2**63), 10**400, -(10**400),
+    float("inf"), float("nan"), "", " ", "x", "\x00", "\ud83d\ude00", "\u202e", "a" * 5000, [], [1, "a"], {}, {"a": None}, [[[[]]]],
+)
+PARAM_NAMES = ("speed", "seed", "lang", "pitch", "")
+
+
+def _exchange(sock: zmq.Socket, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every header answering ``request`` (a stream's messages up to its final one)."""
+    sock.send(json.dumps(request).encode())
+    headers = []
+    while True:
+        assert sock.poll(120_000), f"no reply to {str(request)[:200]}"
+        header = json.loads(sock.recv_multipart()[0])
+        headers.append(header)
+        if not header["ok"] or header.get("final", True):
+            return headers
+
+
+def _no_internal(sock: zmq.Socket, request: dict[str, Any]) -> None:
+    for header in _exchange(sock, request):
+        assert header.get("error", {}).get("code") != "internal", (str(request)[:300], header)
+        if not header["ok"]:
+            assert header["error"]["code"] in ERROR_CODES and header["error"]["message"]
+            assert len(header["error"]["message"]) < 1000, header  # a huge value is not echoed whole
+
+
+def test_no_request_field_value_reaches_internal(daemon: DaemonProcess, speaker: str) -> None:
+    """Each field of each op, and each engine parameter, set to every value of EXTREMES in a request
+    that is otherwise valid: errors are the client's (bad_request...), never ``internal``; then
+    hypothesis mixes them."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    valid = {"op": "synthesize", "text": "Hi.", "voice": speaker, "format": "wav"}
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.tcp)
+    try:
+        for field in ("op", "id", "text", "voice", "format", "stream", "params", "sample_rate", "wait_s", "extra"):
+            for value in EXTREMES:
+                _no_internal(sock, {**valid, field: value})
+        for name in PARAM_NAMES:
+            for value in EXTREMES:
+                _no_internal(sock, {**valid, "params": {name: value}})
+        for op in ("embed", "ping", "voices", "status"):
+            for value in EXTREMES:
+                _no_internal(sock, {"op": op, "voice": value})
+        for fmt in ("mp3", "ogg", "flac", "wav", "pcm_s16le"):
+            for rate in (8000, 11025, 44100, 48000, 64000, 96000, 192000):
+                _no_internal(sock, {**valid, "format": fmt, "sample_rate": rate})
+
+        value = st.one_of(st.sampled_from(EXTREMES), st.integers(), st.floats(), st.text(max_size=12))
+        requests = st.fixed_dictionaries(
+            {"op": st.sampled_from(("synthesize", "synthesize", "embed"))},
+            optional={
+                "text": st.one_of(st.sampled_from(("Hi.", "One. Two.")), value),
+                "voice": st.one_of(st.just(speaker), value),
+                "format": st.one_of(st.sampled_from(("wav", "mp3", "ogg", "flac", "pcm_s16le", "pcm_f32le")), value),
+                "stream": st.one_of(st.booleans(), value),
+                "sample_rate": st.one_of(st.sampled_from((8000, 22050, 44100, 96000, 192000)), value),
+                "wait_s": st.one_of(st.sampled_from((0, 0.5)), value),
+                "params": st.one_of(st.dictionaries(st.sampled_from(PARAM_NAMES), value, max_size=3), value),
+            },
+        )
+
+        @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(requests)
+        def mixed(request: dict[str, Any]) -> None:
+            _no_internal(sock, request)
+
+        mixed()
+    finally:
+        sock.close(0)
+    with daemon.client() as client:
+        assert client.ping()["protocol"] == 1
 
 
 def test_extra_frames_and_oversized_messages(daemon: DaemonProcess) -> None:

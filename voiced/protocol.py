@@ -33,6 +33,8 @@ ERROR_CODES = (
 )
 
 FORMATS = ("wav", "flac", "ogg", "mp3", "pcm_s16le", "pcm_f32le")
+# the sample rates MPEG-1, -2 and -2.5 layer III define: mp3 carries no other
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 STREAM_FORMATS = ("pcm_s16le", "pcm_f32le", "ogg")
 
 MAX_ID_CHARS = 256
@@ -174,12 +176,20 @@ def _check_synthesize(fields: dict[str, Any], limits: Limits) -> None:
         raise ProtocolError(BAD_REQUEST, f"format {fmt} cannot stream; use one of {', '.join(STREAM_FORMATS)}")
     rate = fields.get("sample_rate")
     if rate is not None and not 8000 <= rate <= 192000:
-        raise ProtocolError(BAD_REQUEST, f"sample_rate must be within 8000..192000, got {rate}")
+        raise ProtocolError(BAD_REQUEST, f"sample_rate must be within 8000..192000, got {_short(rate)}")
+    if rate is not None and fmt == "mp3" and rate not in MP3_RATES:
+        raise ProtocolError(BAD_REQUEST, f"sample_rate for mp3 must be one of {', '.join(map(str, MP3_RATES))}, got {rate}")
     wait = fields.get("wait_s")
-    if wait is not None and not (math.isfinite(wait) and 0 <= wait <= 3600):
-        raise ProtocolError(BAD_REQUEST, f"wait_s must be within 0..3600, got {wait}")
+    if wait is not None and not (0 <= wait <= 3600 and math.isfinite(wait)):  # bounds first: a huge int overflows isfinite
+        raise ProtocolError(BAD_REQUEST, f"wait_s must be within 0..3600, got {_short(wait)}")
     if not fields["voice"] or len(fields["voice"]) > 1024:
         raise ProtocolError(BAD_REQUEST, "voice must be a non-empty name of at most 1024 characters")
+
+
+def _short(value: Any) -> str:
+    """repr(value), shortened where a client sent something huge (a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _reject_constant(name: str) -> Any:
@@ -206,7 +216,18 @@ def ok_reply(request_id: Any, **fields: Any) -> bytes:
     return encode({"id": request_id, "ok": True, **fields})
 
 
+MAX_MESSAGE_CHARS = 500
+
+
+def clip_message(message: str) -> str:
+    """An error message of at most MAX_MESSAGE_CHARS: one that quotes a huge value the client
+    sent (a 5000-character voice name as a seed) does not send it back whole."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS - 40]}... ({len(message)} characters)"
+
+
 def error_reply(request_id: Any, code: str, message: str, **details: Any) -> bytes:
-    error: dict[str, Any] = {"code": code, "message": message}
+    error: dict[str, Any] = {"code": code, "message": clip_message(message)}
     error.update(details)
     return encode({"id": request_id, "ok": False, "error": error})

@@ -55,6 +55,7 @@ from voiced.protocol import (
     Limits,
     ProtocolError,
     Request,
+    clip_message,
     encode,
     error_reply,
     ok_reply,
@@ -606,5 +607,5 @@ class Server:
         if job.request.fields.get("stream"):
             # a stream that already sent chunks ends with a final error message
             reply = encode({"id": job.request.id, "ok": False, "final": True,
-                            "error": {"code": code, "message": message}})
+                            "error": {"code": code, "message": clip_message(message)}})
         self._send(job.envelope + [reply])

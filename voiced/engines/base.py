@@ -141,10 +141,10 @@ def check_speed(params: Mapping[str, Any], lo: float = 0.5, hi: float = 2.0) -> 
     raw = params.get("speed", 1.0)
     if isinstance(raw, bool) or not isinstance(raw, (int, float, np.integer, np.floating)):
         raise ParamError(f"speed must be a number, got {type(raw).__name__}")
-    speed = float(raw)
-    if not np.isfinite(speed) or not lo <= speed <= hi:
-        raise ParamError(f"speed must be within {lo}..{hi}, got {raw!r}")
-    return speed
+    if not lo <= raw <= hi or not np.isfinite(raw):  # compared before float(): a 400-digit int overflows it
+        shown = repr(raw) if len(repr(raw)) <= 40 else f"{repr(raw)[:20]}... ({len(repr(raw))} characters)"
+        raise ParamError(f"speed must be a number within {lo}..{hi}, got {shown}")
+    return float(raw)
 
 
 def whole_number(name: str, value: Any, low: int, high: int | None = None) -> int:
