@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import describe  # noqa: E402
 from voiced.cache import Cache, FileRecord  # noqa: E402
 
 
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="puts/gets per payload")
     parser.add_argument("--files", type=int, default=10_000, help="file records for the reconcile figures")
     args = parser.parse_args()
+    print(describe(), flush=True)
 
     rng = np.random.default_rng(0)
     payloads = {

@@ -27,7 +27,9 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import describe  # noqa: E402
 from voiced.encoder import SpeakerEncoder, cosine, preprocess_wav  # noqa: E402
 
 CLIPS = ["allison_a.wav", "allison_b.flac", "carlo_a.wav", "carlo_b.ogg", "june_a.wav", "june_b.wav"]
@@ -62,6 +64,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--testdata", type=Path, default=default_data)
     args = ap.parse_args()
+    print(describe(), flush=True)
 
     golden = json.loads((args.testdata / "golden-resemblyzer.json").read_text())
     raw = {name: sf.read(args.testdata / "voices" / name, dtype="float32")[0] for name in CLIPS}

@@ -22,7 +22,9 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import describe  # noqa: E402
 from voiced.encoder import SpeakerEncoder, cosine  # noqa: E402
 
 
@@ -33,6 +35,7 @@ def main() -> int:
     ap.add_argument("--testdata", type=Path, default=default_data)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
+    print(describe(), flush=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"no CUDA device here (torch {torch.__version__}): nothing to measure")
         return 0

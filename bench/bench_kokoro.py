@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import describe  # noqa: E402
 from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
 from voiced.engines.kokoro.engine import IDLE_RELEASE_S, MAX_TOKENS  # noqa: E402
@@ -364,6 +366,7 @@ def main() -> int:
     ap.add_argument("--base-voices", action="store_true",
                     help="print each base voice's WER on BASE_VOICE_TEXTS and on the held-out sentences, and stop")
     args = ap.parse_args()
+    print(describe(), flush=True)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("voiced.engines.kokoro.fitting").setLevel(logging.INFO)  # each fit's evaluations, warp, pitch
 

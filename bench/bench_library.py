@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 from voiced.cache import Cache, sha256_file
 from voiced.config import VoicesConfig
 from voiced.embedding import embedding_kind
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--workdir", type=Path, default=None, help="on the disk to measure (default: a temp dir)")
     args = parser.parse_args(argv)
+    print(describe(), flush=True)
     if not (TESTDATA / "voices").is_dir():
         print(f"test data not found at {TESTDATA}; set VOICED_TESTDATA", file=sys.stderr)
         return 2

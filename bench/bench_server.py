@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 from voiced.client import Client
 from voiced.testing import DaemonProcess, free_port
 
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
     parser.add_argument("--overhead-only", action="store_true", help="measure (1) only")
     args = parser.parse_args(argv)
+    print(describe(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="voiced-bench-server-"))
     endpoint = f"tcp://127.0.0.1:{free_port()}" if args.transport == "tcp" else f"ipc://{work}/voiced.sock"
     bare_endpoint = f"tcp://127.0.0.1:{free_port()}" if args.transport == "tcp" else f"ipc://{work}/bare.sock"
