@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +54,37 @@ def test_embed_text_output_and_errors(tmp_path: Path, testdata_dir: Path) -> Non
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2
     assert str(bad) in errors[0] and "missing.wav: no such file" in errors[1]
+
+
+def test_embed_shows_a_bar_on_a_terminal_only(tmp_path: Path, testdata_dir: Path) -> None:
+    files = [str(testdata_dir / "voices" / name) for name in ("allison_a.wav", "june_a.wav")]
+    piped = embed(tmp_path, *files)
+    assert piped.returncode == 0 and piped.stderr == "" and len(piped.stdout.splitlines()) == 2
+    # stderr on a terminal (a pseudo-terminal 100 columns wide): the bar, and the same stdout
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    config = tmp_path / "voiced.toml"
+    proc = subprocess.Popen([sys.executable, "-m", "voiced", "embed", "--config", str(config), *files],
+                            stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    terminal = bytearray()
+    reader = threading.Thread(target=lambda: _drain(master, terminal), daemon=True)
+    reader.start()
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    assert proc.wait(120) == 0
+    reader.join(10)
+    os.close(master)
+    assert out == piped.stdout
+    assert b"0/2 [" in terminal and b"file" in terminal, bytes(terminal)  # drawn at once, whatever the speed
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the terminal's other end closed
+            return
+        if not chunk:
+            return
+        into.extend(chunk)

@@ -678,3 +678,28 @@ def test_plugin_folder_and_first_party_plugin(daemon: DaemonProcess, speaker: st
     lines = [json.loads(line) for line in (daemon.root / "journal.jsonl").read_text().splitlines()]
     ready = [e for e in lines if e["event"] == "ready" and e["name"] == "quiet-allison"]
     assert ready and ready[0]["sha256"] == sha256_file(clips["allison_a"])
+
+
+def test_voices_watch_follows_a_drop_until_all_are_done(tmp_path: Path, clips: dict[str, Path]) -> None:
+    """voiced voices --watch in a pipe: a line per change, then it exits; 1 with the failed voice named."""
+    daemon = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0.0}}).start()
+    try:
+        for stem in ("allison_a", "carlo_a", "june_a"):
+            shutil.copyfile(clips[stem], daemon.voices / f"{stem.split('_')[0]}.wav")
+        (daemon.voices / "broken.wav").write_bytes(os.urandom(3000))
+        watch = [sys.executable, "-m", "voiced", "voices", "--watch", "--interval", "0.2", "--endpoint", daemon.tcp]
+        result = subprocess.run(watch, capture_output=True, text=True, timeout=600)
+        lines = result.stdout.splitlines()
+        assert result.returncode == 1, result
+        assert lines and lines[-1].startswith("4/4 done: 3 ready (") and lines[-1].endswith("), 1 failed"), lines
+        assert lines[0].startswith("0/4 done: ") or lines[0].startswith("1/4 done: "), lines
+        assert len(lines) == len(set(lines))  # a line per change, not per look
+        assert result.stderr == "voiced: 1 voice failed: broken ('voiced voices' says why)\n"
+        (daemon.voices / "broken.wav").unlink()
+        daemon.wait_voice("broken", lambda v: v is None)
+        result = subprocess.run([*watch, "--json"], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0 and result.stderr == "", result
+        last = json.loads(result.stdout.splitlines()[-1])
+        assert last["voices"] == 3 and last["states"] == {"ready": 3} and sum(last["stages"].values()) == 3
+    finally:
+        assert daemon.stop() == 0

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("voices", help="list voices and their state (via the daemon)")
     _client_args(p)
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the preparation live (a bar and an ETA on a terminal, a line per change "
+                        "otherwise) until every voice is ready or failed; exit status 1 if any failed")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between looks with --watch")
     p.set_defaults(func=cmd_voices)
 
     p = sub.add_parser("say", help="synthesize speech (via the daemon)")
@@ -125,25 +130,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     setup_logging("debug" if args.verbose else "warning", "text")
     config = _config(args)
-    from voiced.embedding import embed_files
+    from tqdm import tqdm
 
-    results = embed_files(
-        [Path(f) for f in args.files],
-        config,
-        use_cache=not args.no_cache,
-        preprocess=config.encoder.preprocess and not args.raw,
-    )
+    from voiced.embedding import iter_embeddings
+
+    files = [Path(f) for f in args.files]
+    results = iter_embeddings(files, config, use_cache=not args.no_cache,
+                              preprocess=config.encoder.preprocess and not args.raw)
     failed = 0
     out: list[dict[str, Any]] = []
-    for result in results:
-        if result.error:
-            failed += 1
-            print(f"voiced: {result.file}: {result.error}", file=sys.stderr)
-        if args.json:
-            out.append(result.to_dict())
-        elif result.embedding is not None:
-            values = " ".join(f"{x:.6f}" for x in result.embedding)
-            print(f"{result.file}\t{values}")
+    # a bar on a terminal (stderr) for more than one file; nothing in pipes and logs
+    with tqdm(total=len(files), unit="file", file=sys.stderr, leave=False,
+              disable=len(files) < 2 or not sys.stderr.isatty()) as bar:
+        for result in results:
+            bar.update(1)
+            if result.error:
+                failed += 1
+                bar.write(f"voiced: {result.file}: {result.error}", file=sys.stderr)
+            if args.json:
+                out.append(result.to_dict())
+            elif result.embedding is not None:
+                values = " ".join(f"{x:.6f}" for x in result.embedding)
+                bar.write(f"{result.file}\t{values}", file=sys.stdout)
     if args.json:
         print(json.dumps({"embeddings": out}))
     return 1 if failed else 0
@@ -207,6 +215,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_voices(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch_voices(args)
     with _client(args) as client:
         voices = client.voices()
     if args.json:
@@ -221,6 +231,73 @@ def cmd_voices(args: argparse.Namespace) -> int:
         duration = f"{v['duration_s']:.1f}s" if v.get("duration_s") is not None else "-"
         extra = one_line(v.get("error") or v.get("note") or "")
         print(f"{name}{' ' * (width - _columns(name))}  {state:<16} {duration:>7}  {extra}".rstrip())
+    return 0
+
+
+def _tally(voices: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Voices per state, and the ready ones per stage (where the engine has stages)."""
+    states: dict[str, int] = {}
+    stages: dict[str, int] = {}
+    for v in voices:
+        states[v["state"]] = states.get(v["state"], 0) + 1
+        if v["state"] == "ready" and v.get("stage"):
+            stages[v["stage"]] = stages.get(v["stage"], 0) + 1
+    return states, stages
+
+
+def _summary(states: dict[str, int], stages: dict[str, int]) -> str:
+    """'3 ready (1 quick, 2 refined), 1 failed, 2 pending'."""
+    parts = []
+    for state in ("ready", "failed", "preparing", "pending", *sorted(set(states) - {"ready", "failed", "preparing", "pending"})):
+        if states.get(state):
+            part = f"{states[state]} {state}"
+            if state == "ready" and stages:
+                part += " (" + ", ".join(f"{n} {stage}" for stage, n in sorted(stages.items())) + ")"
+            parts.append(part)
+    return ", ".join(parts)
+
+
+def _watch_voices(args: argparse.Namespace) -> int:
+    """Follow a bulk drop: poll the daemon until no voice is pending or preparing."""
+    from tqdm import tqdm
+
+    terminal = sys.stderr.isatty()
+    bar: Any = None
+    last = ""
+    try:
+        with _client(args) as client:
+            while True:
+                voices = client.voices()
+                states, stages = _tally(voices)
+                done = states.get("ready", 0) + states.get("failed", 0)
+                summary = _summary(states, stages)
+                if args.json:
+                    line = json.dumps({"voices": len(voices), "states": states, "stages": stages})
+                else:
+                    line = f"{done}/{len(voices)} done: {summary}" if voices else "no voices yet"
+                if terminal and not args.json:
+                    if bar is None:
+                        bar = tqdm(total=len(voices), unit="voice", file=sys.stderr, dynamic_ncols=True)
+                    bar.total = len(voices)  # files may still be arriving
+                    bar.update(done - bar.n)
+                    bar.set_postfix_str(summary, refresh=True)
+                elif line != last:
+                    print(line, flush=True)
+                last = line
+                if voices and done == len(voices):
+                    break
+                time.sleep(args.interval)
+    finally:
+        if bar is not None:
+            bar.close()
+    failed = states.get("failed", 0)
+    if terminal and not args.json:
+        print(f"{len(voices)} voices: {summary}", file=sys.stderr)
+    if failed:
+        names = ", ".join(one_line(v["name"]) for v in voices if v["state"] == "failed")
+        print(f"voiced: {failed} voice{'s' if failed > 1 else ''} failed: {names[:300]} ('voiced voices' says why)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -57,6 +57,13 @@ def embed_files(
     files: Sequence[Path], config: Config, *, use_cache: bool = True, preprocess: bool = True
 ) -> list[EmbedResult]:
     """Embed each file; one file's error is reported in its result, the others go on."""
+    return list(iter_embeddings(files, config, use_cache=use_cache, preprocess=preprocess))
+
+
+def iter_embeddings(
+    files: Sequence[Path], config: Config, *, use_cache: bool = True, preprocess: bool = True
+) -> Iterator[EmbedResult]:
+    """embed_files' results one by one, as each file is done (for a progress bar)."""
     from voiced.encoder import SpeakerEncoder
 
     cache: Cache | None = None
@@ -68,19 +75,18 @@ def embed_files(
             log.warning("cache unavailable, embedding without it: %s", exc)
     encoder: SpeakerEncoder | None = None
     kind = embedding_kind(preprocess, config.voices.max_duration_s)
-    results: list[EmbedResult] = []
     try:
         for file in files:
             try:
                 sha = sha256_file(file)
             except FileNotFoundError:
-                results.append(EmbedResult(str(file), error="no such file"))
+                yield EmbedResult(str(file), error="no such file")
                 continue
             except IsADirectoryError:
-                results.append(EmbedResult(str(file), error="is a folder, not an audio file"))
+                yield EmbedResult(str(file), error="is a folder, not an audio file")
                 continue
             except OSError as exc:
-                results.append(EmbedResult(str(file), error=f"cannot read: {exc.strerror or exc}"))
+                yield EmbedResult(str(file), error=f"cannot read: {exc.strerror or exc}")
                 continue
             if encoder is None:
                 encoder = SpeakerEncoder(
@@ -93,23 +99,20 @@ def embed_files(
                 entry = cache.get_entry(sha, producer, kind)
                 if entry is not None:
                     arrays, meta = entry
-                    results.append(
-                        EmbedResult(str(file), arrays["embedding"], sha, meta.get("duration_s"), cached=True)
-                    )
+                    yield EmbedResult(str(file), arrays["embedding"], sha, meta.get("duration_s"), cached=True)
                     continue
             try:
                 audio = load_audio(file, max_duration_s=config.voices.max_duration_s)
                 embedding = encoder.embed(audio.samples, preprocess=preprocess)
             except AudioError as exc:
-                results.append(EmbedResult(str(file), sha256=sha, error=str(exc)))
+                yield EmbedResult(str(file), sha256=sha, error=str(exc))
                 continue
             if cache is not None:
                 try:
                     cache.put(sha, producer, kind, {"embedding": embedding}, audio_meta(audio))
                 except CacheError as exc:
                     log.warning("cannot cache the embedding of %s: %s", file, exc)
-            results.append(EmbedResult(str(file), embedding, sha, audio.source_duration_s))
+            yield EmbedResult(str(file), embedding, sha, audio.source_duration_s)
     finally:
         if cache is not None:
             cache.close()
-    return results
