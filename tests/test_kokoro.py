@@ -473,6 +473,7 @@ class TickingClock:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five fits: minutes on a busy 2-core machine
 def test_refined_is_deterministic_and_not_worse(engine, allison, caplog):
     """The budget buys fixed work: a slower machine takes longer for the same voice."""
     from voiced.engines.kokoro import fitting

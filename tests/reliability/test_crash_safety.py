@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from cachecheck import cache_problems
 
@@ -58,6 +59,7 @@ def mutate(folder: Path, rng: np.random.Generator, clip_maker: Any, counter: lis
     return done
 
 
+@pytest.mark.timeout(SETTLE_TIMEOUT_S + 1200)  # 20 rounds of start-up, then the settle time, on a machine of any speed
 def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, clip_maker: Any, report: Any) -> None:
     rng = np.random.default_rng(SEED)
     daemon = DaemonProcess(tmp_path, {
