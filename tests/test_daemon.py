@@ -126,7 +126,7 @@ def test_voice_lifecycle_through_the_daemon(daemon: DaemonProcess, clips: dict[s
     shutil.copyfile(clips["june_a"], target)
     first = daemon.wait_ready("life")
     assert first["sha256"] == sha256_file(clips["june_a"])
-    assert first["stage"] in ("quick", "refined")
+    assert first["stage"] in ("stock", "quick", "refined")
 
     # rename: ready again under the new name without preparing (same sha256, never "preparing")
     states: list[str] = []
@@ -220,7 +220,7 @@ def test_synthesize_wav(daemon: DaemonProcess, speaker: str) -> None:
     audio, rate = decode(short.audio)
     assert rate == short.header["sample_rate"] == 24000
     assert short.header["voice"]["name"] == speaker and short.header["voice"]["sha256"]
-    assert short.header["voice"]["stage"] in ("quick", "refined")
+    assert short.header["voice"]["stage"] in ("stock", "quick", "refined")
     assert abs(len(audio) / rate - short.header["duration_s"]) < 0.01
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0.05
     assert short.header["engine_s"] > 0

@@ -424,6 +424,24 @@ def allison(engine: KokoroEngine, testdata_dir, speaker_encoder):
     return wav, speaker_encoder.embed(wav)
 
 
+def test_stock_stage_is_the_nearest_base_voice_without_synthesis(engine, allison, monkeypatch):
+    wav, emb = allison
+    fitter = engine.fitter()
+    sims = fitter.stock_similarities(emb)
+
+    def no_synthesis(*args, **kwargs):
+        raise AssertionError("the stock stage synthesized")
+
+    monkeypatch.setattr(engine, "render", no_synthesis)
+    monkeypatch.setattr(engine, "infer", no_synthesis)
+    stock = engine.prepare_voice(wav, emb, stage="stock")
+    best = max(sims, key=sims.get)
+    assert stock.meta["stage"] == "stock" and stock.meta["stock_best"] == best
+    assert np.array_equal(stock["style"], engine.style_pack(engine.base_conditioning(best)))
+    assert engine.voicing(stock)[:2] == (1.0, 1.0) and "eq" not in stock
+    assert engine.stages == ("stock", "quick", "refined")
+
+
 def test_quick_voice_is_closer_than_stock(engine, allison):
     wav, emb = allison
     fitter = engine.fitter()
@@ -651,6 +669,46 @@ def test_refinement_paused_too_long_is_set_aside_and_run_again(engine, allison, 
     monkeypatch.setattr(library_module, "_MAX_PAUSE_S", 1.0)
     fits = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=5.0)
     assert len(fits) == 2 and "stopped" in fits[0] and "stopped" not in fits[1], fits
+
+
+def test_a_drop_reaches_each_stage_for_every_voice_before_the_next(engine, speaker_encoder, testdata_dir,
+                                                                    tmp_path, monkeypatch):
+    """Every voice usable at 'stock' first, then all at 'quick', then the costly refinements."""
+    import shutil
+
+    from voiced.cache import Cache
+    from voiced.config import VoicesConfig
+    from voiced.library import Library
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    for stem in ("allison_a", "carlo_a", "june_a"):
+        shutil.copy(testdata_dir / "voices" / f"{stem}.wav", voices / f"{stem.split('_')[0]}.wav")
+    calls: list[tuple[str, str]] = []
+    prepare = engine.prepare_voice
+
+    def recorded(reference, embedding, *, stage, **kwargs):
+        calls.append((stage, f"{float(np.asarray(embedding)[0]):.6f}"))
+        return prepare(reference, embedding, stage=stage, **kwargs)
+
+    monkeypatch.setattr(engine, "prepare_voice", recorded)
+    cache = Cache(tmp_path / "cache")
+    library = Library(VoicesConfig(dir=voices), cache, speaker_encoder, engine=engine, stage_budget_s=0.5)
+    library.start()
+    try:
+        for name in ("allison.wav", "carlo.wav", "june.wav"):
+            library.sync_path(name)
+        def refined(name: str) -> bool:
+            voice = library.get(name)
+            return voice is not None and voice.stage == "refined"
+
+        assert library.wait_for(lambda: all(map(refined, ("allison", "carlo", "june"))), 600), calls
+    finally:
+        library.stop()
+        cache.close()
+    stages = [stage for stage, _ in calls]
+    assert stages == ["stock"] * 3 + ["quick"] * 3 + ["refined"] * 3, calls
+    assert len({who for _, who in calls}) == 3  # three voices, each through each stage once
 
 
 def test_bench_tradeoff_line_runs_from_the_voice_to_the_stock_voice(bench_module, engine, voice):

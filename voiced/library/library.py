@@ -711,16 +711,21 @@ class Library:
             self.sync_path(path)
             return
 
-        def must_abandon() -> bool:
+        def gone() -> bool:  # the daemon stops, or the file changed or went
             with self._lock:
                 current = self._voices.get(path)
-                stale = current is None or current.generation != gen
-                return self._stopping or stale or bool(self._urgent)
+                return self._stopping or current is None or current.generation != gen
+
+        def must_abandon() -> bool:
+            with self._lock:
+                urgent = bool(self._urgent)
+            return urgent or gone()
 
         set_aside = False  # a stage paused too long: what the engine returns is not its result
+        told_to_stop = False  # the engine was asked to give way: what it returns is not the stage's result
 
         def should_stop() -> bool:
-            nonlocal set_aside
+            nonlocal set_aside, told_to_stop
             # While synthesis requests wait, the stage pauses here (the engine calls this between
             # steps) instead of being thrown away, or a daemon under steady load would restart it
             # for ever. It is abandoned for the daemon stopping, the file changing, new files
@@ -750,16 +755,18 @@ class Library:
                         return False
                 with self._work:
                     self._work.wait(_PAUSE_POLL_S)  # woken at once by new files and by stop()
+            told_to_stop = True
             return True
 
-        for stage in stages[start:]:
+        for stage in stages[start:start + 1]:  # one stage per turn (the next one queues behind the others)
             conditioning = self.engine.prepare_voice(
                 audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
                 previous=previous, should_stop=should_stop,
             )
-            if set_aside or must_abandon():
+            if set_aside or told_to_stop or gone():
                 # the engine returned early to make way: what it has is not the stage's result;
-                # run the stage again later (it is deterministic, so nothing is lost but time)
+                # run the stage again later (it is deterministic, so nothing is lost but time).
+                # A stage that never asked (quick) keeps its result even if new files came meanwhile.
                 with self._lock:
                     voice = self._voices.get(path)
                     if voice is not None and voice.generation == gen and not self._stopping:
@@ -776,6 +783,9 @@ class Library:
                 return
             log.info("voice %s reached stage %s", done.name, stage, extra={"voice": done.name})
             self._emit("stage", done.to_dict())
+        # at the back of the line: of a folder of new voices, every one reaches a stage before any
+        # of them starts the next, costlier one
+        self._queue_background_if_needed(path)
 
     def _enqueue_urgent_again(self, path: str) -> None:
         with self._lock:

@@ -109,7 +109,7 @@ class KokoroEngine(Engine):
     name = "kokoro"
     version = ENGINE_VERSION
     sample_rate = SAMPLE_RATE
-    stages = ("quick", "refined")
+    stages = ("stock", "quick", "refined")
 
     def __init__(
         self,
@@ -395,6 +395,8 @@ class KokoroEngine(Engine):
         ref = None if reference is None else np.asarray(reference, dtype=np.float32).reshape(-1)
         if ref is not None and not np.isfinite(ref).all():
             raise EngineError("reference audio has non-finite samples")
+        if stage == "stock":
+            return fitter.stock(emb)
         if stage == "quick":
             return fitter.quick(emb, ref)
         return fitter.refine(emb, budget_s=budget_s, previous=previous, should_stop=should_stop, reference=ref)

@@ -330,6 +330,17 @@ class StyleFitter:
 
     # ----------------------------------------------------------------------------- stages
 
+    def stock(self, target: np.ndarray) -> Conditioning:
+        """The base voice nearest the speaker by embedding, as it is: no synthesis, so a voice of a
+        large drop is usable within milliseconds of its embedding; quick and refined follow."""
+        sims = self.stock_similarities(target)
+        best = max(sims, key=sims.get)
+        k = self.names.index(best)
+        return self._conditioning(
+            self.packs[k], "stock", 1.0, None, weights={n: float(n == best) for n in self.names},
+            similarity=round(sims[best], 4), stock_best=best, stock_similarity=round(sims[best], 4),
+        )
+
     def quick(self, target: np.ndarray, reference: np.ndarray | None = None) -> Conditioning:
         """Best blend of the base voices with an EQ matched to ``reference`` (one real synthesis)."""
         t = _unit(target)
