@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from voiced import cli
 from voiced.cache import Cache, sha256_file
@@ -481,9 +483,6 @@ def test_no_request_field_value_reaches_internal(daemon: DaemonProcess, speaker:
     """Each field of each op, and each engine parameter, set to every value of EXTREMES in a request
     that is otherwise valid: errors are the client's (bad_request...), never ``internal``; then
     hypothesis mixes them."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
     valid = {"op": "synthesize", "text": "Hi.", "voice": speaker, "format": "wav"}
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
