@@ -562,6 +562,15 @@ def test_bench_sentence_sets_are_held_out(bench_module):
     assert not fit & held_out and not fit & base and not held_out & base
 
 
+def test_refine_reports_the_share_of_its_work_done(engine, allison):
+    wav, emb = allison
+    quick = engine.prepare_voice(wav, emb, stage="quick")
+    shares: list[float] = []
+    engine.prepare_voice(wav, emb, stage="refined", previous=quick, budget_s=4.0, progress=shares.append)
+    assert shares[-1] == 1.0 and len(shares) >= 3, shares  # after each of its evaluations, then done
+    assert shares == sorted(shares) and 0.0 < shares[0] < 1.0 and max(shares[:-1]) < 1.0
+
+
 def test_paused_time_does_not_count_against_the_fit_budget():
     from voiced.engines.kokoro.fitting import _Budget, _Clock
 
@@ -589,10 +598,12 @@ def test_paused_time_does_not_count_against_the_fit_budget():
     assert _Budget(told, told.now(), 100.0, None).exhausted() and told.stopped
 
 
-def _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s: float) -> list[str]:
+def _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch,
+                         hold_s: float) -> tuple[list[str], dict | None]:
     """Prepare allison in a real library; once its refinement runs, requests 'wait' for ``hold_s``.
 
-    Returns the fitter's log lines (DEBUG and up) once the voice is refined.
+    Returns the fitter's log lines (DEBUG and up) once the voice is refined, and the progress the
+    voice showed at the end of the hold.
     """
     import shutil
     import threading
@@ -639,15 +650,18 @@ def _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkey
         # held from the fit's first look on, so the pause is hold_s on a machine of any speed
         assert holding.wait(120), "the refinement never looked for waiting requests"
         time.sleep(hold_s)
-        assert library.get("allison").stage == "quick"
+        held = library.get("allison")
+        assert held is not None and held.stage == "quick"
+        shown = held.to_dict().get("progress")  # what 'voiced voices' shows meanwhile
         demand.clear()
         assert library.wait_for(lambda: library.get("allison").stage == "refined", 120)
+        assert "progress" not in library.get("allison").to_dict()
     finally:
         library.stop()
         cache.close()
         fit_log.removeHandler(handler)
         fit_log.setLevel(level)
-    return [m for m in records if m.startswith("kokoro refine")]
+    return [m for m in records if m.startswith("kokoro refine")], shown
 
 
 def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, speaker_encoder, testdata_dir,
@@ -655,8 +669,9 @@ def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, 
     """A refinement that meets waiting requests pauses and then finishes: one fit, not a restart."""
     import re
 
-    fits = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=4.0)
+    fits, shown = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=4.0)
     assert len(fits) == 1 and "stopped" not in fits[0], fits
+    assert shown is not None and shown["stage"] == "refined" and 0.0 <= shown["done"] < 1.0, shown
     paused = float(re.search(r"\(([\d.]+)s paused\)", fits[0]).group(1))
     assert paused >= 4.0, fits  # all the time requests waited: it held from its first look at them
 
@@ -667,8 +682,9 @@ def test_refinement_paused_too_long_is_set_aside_and_run_again(engine, allison, 
     from voiced.library import library as library_module
 
     monkeypatch.setattr(library_module, "_MAX_PAUSE_S", 1.0)
-    fits = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=5.0)
+    fits, shown = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=5.0)
     assert len(fits) == 2 and "stopped" in fits[0] and "stopped" not in fits[1], fits
+    assert shown is None  # set aside: no stage runs while the requests still wait
 
 
 def test_a_drop_reaches_each_stage_for_every_voice_before_the_next(engine, speaker_encoder, testdata_dir,

@@ -230,6 +230,8 @@ def cmd_voices(args: argparse.Namespace) -> int:
         state = v["state"] + (f"/{v['stage']}" if v.get("stage") else "")
         duration = f"{v['duration_s']:.1f}s" if v.get("duration_s") is not None else "-"
         extra = one_line(v.get("error") or v.get("note") or "")
+        if v.get("progress"):  # a later stage running in the background
+            extra = f"{v['progress']['stage']} {v['progress']['done']:.0%}" + (f"; {extra}" if extra else "")
         print(f"{name}{' ' * (width - _columns(name))}  {state:<16} {duration:>7}  {extra}".rstrip())
     return 0
 

@@ -114,6 +114,10 @@ class Engine(abc.ABC):
         budget should leave out the time spent inside ``should_stop``, and an engine must not
         hold anything its ``synthesize`` needs while it calls it (the daemon gives up on a stage
         paused for a minute).
+
+        An engine whose ``prepare_voice`` also takes a keyword ``progress`` is given a callable
+        to tell the share of the stage's work done (0-1) as it goes; ``voiced voices`` shows it.
+        Engines without the keyword are called as before.
         """
 
     @abc.abstractmethod

@@ -11,6 +11,7 @@ stale result is dropped, never published.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import stat as statmod
@@ -101,6 +102,7 @@ class Library:
         self.encoder_producer = f"{encoder.model_id}@{encoder.version}"
         self.embedding_kind = embedding_kind(preprocess, config.max_duration_s)
         self.engine_producer = f"{engine.name}@{engine.version}" if engine else None
+        self._engine_reports_progress = engine is not None and _takes_keyword(engine.prepare_voice, "progress")
 
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -759,10 +761,27 @@ class Library:
             return True
 
         for stage in stages[start:start + 1]:  # one stage per turn (the next one queues behind the others)
-            conditioning = self.engine.prepare_voice(
-                audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
-                previous=previous, should_stop=should_stop,
-            )
+
+            def progress(done: float, stage: str = stage) -> None:
+                with self._lock:
+                    voice = self._voices.get(path)
+                    if voice is not None and voice.generation == gen:
+                        voice.progress = (stage, float(done))
+
+            extra: dict[str, Any] = {}
+            if self._engine_reports_progress:
+                extra["progress"] = progress
+                progress(0.0)
+            try:
+                conditioning = self.engine.prepare_voice(
+                    audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
+                    previous=previous, should_stop=should_stop, **extra,
+                )
+            finally:
+                with self._lock:
+                    voice = self._voices.get(path)
+                    if voice is not None:
+                        voice.progress = None
             if set_aside or told_to_stop or gone():
                 # the engine returned early to make way: what it has is not the stage's result;
                 # run the stage again later (it is deterministic, so nothing is lost but time).
@@ -915,3 +934,12 @@ def _apply_meta(voice: Voice, meta: Mapping[str, Any]) -> None:
     voice.duration_s = meta.get("duration_s")
     if meta.get("truncated"):
         voice.note = f"only the first {meta.get('used_s', 0):.1f}s of {meta.get('duration_s', 0):.1f}s are used"
+
+
+def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` can be called with the keyword ``name`` (named, or through **kwargs)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)

@@ -41,6 +41,8 @@ class Voice:
     generation: int = 0
     """Bumped on every change of the file, so a result computed from an older version is discarded."""
     changed_at: float = field(default_factory=time.monotonic)
+    progress: tuple[str, float] | None = None
+    """While a background stage runs on an engine that reports it: (that stage, share done)."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -56,6 +58,8 @@ class Voice:
             out["error"] = self.error
         if self.note:
             out["note"] = self.note
+        if self.progress is not None:
+            out["progress"] = {"stage": self.progress[0], "done": round(self.progress[1], 3)}
         return out
 
 

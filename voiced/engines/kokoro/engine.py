@@ -385,6 +385,7 @@ class KokoroEngine(Engine):
         budget_s: float | None = None,
         previous: Conditioning | None = None,
         should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> Conditioning:
         if stage not in self.stages:
             raise ParamError(f"unknown stage {stage!r}; expected one of {self.stages}")
@@ -399,4 +400,5 @@ class KokoroEngine(Engine):
             return fitter.stock(emb)
         if stage == "quick":
             return fitter.quick(emb, ref)
-        return fitter.refine(emb, budget_s=budget_s, previous=previous, should_stop=should_stop, reference=ref)
+        return fitter.refine(emb, budget_s=budget_s, previous=previous, should_stop=should_stop, reference=ref,
+                             progress=progress)

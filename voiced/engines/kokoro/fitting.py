@@ -393,6 +393,7 @@ class StyleFitter:
         method: str = "jacobian",
         reference: np.ndarray | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        progress: Callable[[float], None] | None = None,
     ) -> Conditioning:
         """Improve on the quick voice with real synthesis + GE2E within ``budget_s`` (default 60 s).
 
@@ -407,8 +408,9 @@ class StyleFitter:
         recorded in its meta is used. ``budget_s`` sets the work (see ``work_for_budget``);
         ``max_evals`` overrides its number of search evaluations. ``clock`` (seconds) is read
         for the time cap only; tests give one that does not depend on the machine's speed.
+        ``progress`` is told the share of the fit's work done (0-1) as it goes.
         """
-        clock = _Clock(should_stop, clock)
+        clock = _Clock(should_stop, clock, progress)
         t0 = clock.now()
         t = _unit(target)
         budget = max(0.0, DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s))
@@ -420,6 +422,7 @@ class StyleFitter:
         if max_evals is not None:
             evals = max_evals
         cap = budget * TIME_CAP_FACTOR  # one cap for the whole fit: a slow search may use the tuning's share
+        clock.work_total = evals * EVAL_COST_S + (TUNE_SETUP_COST_S + eq_steps * TUNE_STEP_COST_S if tune and eq_steps > 0 else 0.0)
         state = _Budget(clock, t0, cap, evals)
         if method not in ("jacobian", "cmaes"):
             raise EngineError(f"unknown refine method {method!r}")
@@ -435,6 +438,7 @@ class StyleFitter:
             best, meta["eq_tuning"] = self._tune_eq(t, best, ref_bands, eq_steps, t0 + cap, clock)
             cut = cut or meta["eq_tuning"].get("reason") == "no time" or meta["eq_tuning"].get("steps", eq_steps) < eq_steps
         cut = cut and not clock.stopped
+        clock.finish()
         if cut:
             meta["cut"] = True
             log.warning("kokoro refine cut short after %.0fs, %g times its %gs budget (%d of %d evaluations): this "
@@ -475,12 +479,18 @@ class StyleFitter:
                 if clock.stop() or clock.now() > deadline:
                     return None
                 audio.append(self.engine.render(tokens, best.pack.astype(np.float32), 1.0, Voicing(best.warp, pitch)))
+                clock.did(TUNE_SETUP_COST_S / spoken)
             return audio
 
         pitch_texts = [*self.tokens, *self.tuning_tokens[:PITCH_TUNING_TEXTS]]
         pitches = [best.pitch]
         if self.engine.pitch_control:
             pitches += [float(np.clip(best.pitch * f, *PITCH_RANGE)) for f in PITCH_GRID]
+        spoken = len(pitches) * len(pitch_texts) + len(self.tuning_tokens[PITCH_TUNING_TEXTS:])
+
+        def step_done() -> bool:  # the tuner asks before each step: one more step's work is done
+            clock.did(TUNE_STEP_COST_S)
+            return clock.stop()
         tried: list[tuple[float, float, list[np.ndarray]]] = []  # (penalised score, pitch, audio)
         for pitch in pitches:
             audio = speak(pitch_texts, pitch)
@@ -497,7 +507,7 @@ class StyleFitter:
         matched = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
         try:
             gains, before, after, steps = self.tuner().tune(audio, matched, t, steps=steps, deadline=deadline,
-                                                               should_stop=clock.stop, clock=clock.now)
+                                                               should_stop=step_done, clock=clock.now)
         except Exception as exc:  # noqa: BLE001 - it leans on the encoder's internals; the search's voice stands
             log.warning("EQ tuning failed, keeping the matched EQ: %s", exc)
             return best, {**info, "kept": False, "reason": "failed"}
@@ -671,11 +681,25 @@ class _Clock:
     """
 
     def __init__(self, should_stop: Callable[[], bool] | None,
-                 source: Callable[[], float] = time.perf_counter) -> None:
+                 source: Callable[[], float] = time.perf_counter,
+                 progress: Callable[[float], None] | None = None) -> None:
         self._should_stop = should_stop
         self._source = source
+        self._progress = progress
         self.paused = 0.0
         self.stopped = False
+        self.work_total = 0.0  # the fit's planned work, in EVAL_COST_S-like seconds
+        self.work_done = 0.0
+
+    def did(self, cost: float) -> None:
+        """``cost`` more of the planned work is done: tell ``progress`` the share, never past 0.99."""
+        self.work_done += cost
+        if self._progress is not None and self.work_total > 0:
+            self._progress(min(0.99, self.work_done / self.work_total))
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress(1.0)
 
     def now(self) -> float:
         return self._source() - self.paused
@@ -718,6 +742,7 @@ class _Budget:
         took = self.clock.now() - e0
         self.per_eval = took if self.per_eval is None else 0.7 * self.per_eval + 0.3 * took
         self.evals += 1
+        self.clock.did(EVAL_COST_S)
         return out
 
 
