@@ -315,16 +315,15 @@ class _Link:
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 found = (f"the daemon at {self.endpoint} refused this client's key: add its public key to the "
                          "daemon's [server] curve_clients_dir, or use a key that is there")
+                self._handshake_failed = self._handshake_failed or found
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
                 found = (f"the CURVE handshake with {self.endpoint} failed: is --server-key the daemon's public "
                          "key, and does the daemon use CURVE?" if self.curve else
                          f"what listens at {self.endpoint} does not speak the voiced protocol without CURVE "
                          "(a daemon with curve_secret_key set needs --server-key and --key)")
+                self._handshake_failed = self._handshake_failed or found
             elif event == zmq.EVENT_CONNECT_RETRIED and not self.up:
                 found = f"no daemon listens at {self.endpoint}{self._why_not()}; start one with 'voiced serve'"
-            if found is not None and event & (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                self._handshake_failed = self._handshake_failed or found
             if self._problem is None:
                 self._problem = found
 

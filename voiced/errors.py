@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VoicedError(Exception):
     """Base class for errors the daemon reports to users as one clear line."""
@@ -17,3 +19,10 @@ class AudioError(VoicedError):
 
 class CacheError(VoicedError):
     """The on-disk cache cannot be read or written."""
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) for an error message, shortened where a client sent something huge (a
+    400-digit number): 20 characters and the length."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from voiced.errors import short_repr
+
 PROTOCOL_VERSION = 1
 
 BAD_REQUEST = "bad_request"
@@ -176,20 +178,14 @@ def _check_synthesize(fields: dict[str, Any], limits: Limits) -> None:
         raise ProtocolError(BAD_REQUEST, f"format {fmt} cannot stream; use one of {', '.join(STREAM_FORMATS)}")
     rate = fields.get("sample_rate")
     if rate is not None and not 8000 <= rate <= 192000:
-        raise ProtocolError(BAD_REQUEST, f"sample_rate must be within 8000..192000, got {_short(rate)}")
+        raise ProtocolError(BAD_REQUEST, f"sample_rate must be within 8000..192000, got {short_repr(rate)}")
     if rate is not None and fmt == "mp3" and rate not in MP3_RATES:
         raise ProtocolError(BAD_REQUEST, f"sample_rate for mp3 must be one of {', '.join(map(str, MP3_RATES))}, got {rate}")
     wait = fields.get("wait_s")
     if wait is not None and not (0 <= wait <= 3600 and math.isfinite(wait)):  # bounds first: a huge int overflows isfinite
-        raise ProtocolError(BAD_REQUEST, f"wait_s must be within 0..3600, got {_short(wait)}")
+        raise ProtocolError(BAD_REQUEST, f"wait_s must be within 0..3600, got {short_repr(wait)}")
     if not fields["voice"] or len(fields["voice"]) > 1024:
         raise ProtocolError(BAD_REQUEST, "voice must be a non-empty name of at most 1024 characters")
-
-
-def _short(value: Any) -> str:
-    """repr(value), shortened where a client sent something huge (a 400-digit number)."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _reject_constant(name: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from voiced.errors import VoicedError
+from voiced.errors import VoicedError, short_repr
 
 __all__ = [
     "Conditioning",
@@ -146,8 +146,7 @@ def check_speed(params: Mapping[str, Any], lo: float = 0.5, hi: float = 2.0) -> 
     if isinstance(raw, bool) or not isinstance(raw, (int, float, np.integer, np.floating)):
         raise ParamError(f"speed must be a number, got {type(raw).__name__}")
     if not lo <= raw <= hi or not np.isfinite(raw):  # compared before float(): a 400-digit int overflows it
-        shown = repr(raw) if len(repr(raw)) <= 40 else f"{repr(raw)[:20]}... ({len(repr(raw))} characters)"
-        raise ParamError(f"speed must be a number within {lo}..{hi}, got {shown}")
+        raise ParamError(f"speed must be a number within {lo}..{hi}, got {short_repr(raw)}")
     return float(raw)
 
 

@@ -760,48 +760,47 @@ class Library:
             told_to_stop = True
             return True
 
-        for stage in stages[start:start + 1]:  # one stage per turn (the next one queues behind the others)
+        stage = stages[start]  # one stage per turn: the next one queues behind the other voices'
 
-            def progress(done: float, stage: str = stage) -> None:
-                with self._lock:
-                    voice = self._voices.get(path)
-                    if voice is not None and voice.generation == gen:
-                        voice.progress = (stage, float(done))
+        def progress(done: float) -> None:
+            with self._lock:
+                voice = self._voices.get(path)
+                if voice is not None and voice.generation == gen:
+                    voice.progress = (stage, float(done))
 
-            extra: dict[str, Any] = {}
-            if self._engine_reports_progress:
-                extra["progress"] = progress
-                progress(0.0)
-            try:
-                conditioning = self.engine.prepare_voice(
-                    audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
-                    previous=previous, should_stop=should_stop, **extra,
-                )
-            finally:
-                with self._lock:
-                    voice = self._voices.get(path)
-                    if voice is not None:
-                        voice.progress = None
-            if set_aside or told_to_stop or gone():
-                # the engine returned early to make way: what it has is not the stage's result;
-                # run the stage again later (it is deterministic, so nothing is lost but time).
-                # A stage that never asked (quick) keeps its result even if new files came meanwhile.
-                with self._lock:
-                    voice = self._voices.get(path)
-                    if voice is not None and voice.generation == gen and not self._stopping:
-                        self._enqueue_locked(_Job(path, gen, background=True))
-                log.debug("stage %s of %s gave way to more urgent work", stage, path)
-                return
-            meta = dict(getattr(conditioning, "meta", {}))
-            with self._lock:  # as for the first stage: usable from memory if the cache refuses it
-                self._unsaved[(sha, self.engine_producer or "", stage)] = (conditioning, meta)
-            self._flush(sha, [(stage, self.engine_producer or "", conditioning, meta)])
-            previous = conditioning
-            done = self._commit(path, gen, lambda v, s=stage: setattr(v, "stage", s))
-            if done is None:
-                return
-            log.info("voice %s reached stage %s", done.name, stage, extra={"voice": done.name})
-            self._emit("stage", done.to_dict())
+        extra: dict[str, Any] = {}
+        if self._engine_reports_progress:
+            extra["progress"] = progress
+            progress(0.0)
+        try:
+            conditioning = self.engine.prepare_voice(
+                audio.samples, arrays["embedding"], stage=stage, budget_s=self.stage_budget_s,
+                previous=previous, should_stop=should_stop, **extra,
+            )
+        finally:
+            with self._lock:
+                voice = self._voices.get(path)
+                if voice is not None:
+                    voice.progress = None
+        if set_aside or told_to_stop or gone():
+            # the engine returned early to make way: what it has is not the stage's result;
+            # run the stage again later (it is deterministic, so nothing is lost but time).
+            # A stage that never asked (quick) keeps its result even if new files came meanwhile.
+            with self._lock:
+                voice = self._voices.get(path)
+                if voice is not None and voice.generation == gen and not self._stopping:
+                    self._enqueue_locked(_Job(path, gen, background=True))
+            log.debug("stage %s of %s gave way to more urgent work", stage, path)
+            return
+        meta = dict(getattr(conditioning, "meta", {}))
+        with self._lock:  # as for the first stage: usable from memory if the cache refuses it
+            self._unsaved[(sha, self.engine_producer or "", stage)] = (conditioning, meta)
+        self._flush(sha, [(stage, self.engine_producer or "", conditioning, meta)])
+        done = self._commit(path, gen, lambda v: setattr(v, "stage", stage))
+        if done is None:
+            return
+        log.info("voice %s reached stage %s", done.name, stage, extra={"voice": done.name})
+        self._emit("stage", done.to_dict())
         # at the back of the line: of a folder of new voices, every one reaches a stage before any
         # of them starts the next, costlier one
         self._queue_background_if_needed(path)
