@@ -128,11 +128,28 @@ class Client:
         body = {"op": op, "id": request_id, **{k: v for k, v in fields.items() if v is not None}}
         data = json.dumps(body).encode("utf-8")
         self._link.fresh()
-        self._socket.send(data)
+        self._send(data)
         self._pending.add(request_id)
         if len(data) > DEFAULT_MAX_MESSAGE_BYTES:
             self._oversized[request_id] = len(data)
         return request_id
+
+    def _send(self, data: bytes) -> None:
+        """Queue ``data`` without blocking for ever: after a failed handshake ZeroMQ drops the
+        connection's queue and never retries, and a plain send would then wait for good."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                self._socket.send(data, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._link.wait(int(left * 1000) + 1, zmq.POLLOUT):
+                problem = self._link.problem()
+                if problem is not None:
+                    raise Unreachable(problem) from None
+                raise ClientTimeout(f"could not send to {self.endpoint} within {self.timeout_s:g}s") from None
 
     def receive(self, request_id: str, timeout_s: float | None = None) -> Reply:
         """The next message answering ``request_id``.
@@ -267,26 +284,30 @@ class _Link:
         self.endpoint, self.curve = endpoint, curve
         self._monitor = socket.get_monitor_socket(self._EVENTS)
         self._socket = socket
-        self._poller = zmq.Poller()
-        self._poller.register(socket, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
+        self._pollers: dict[int, zmq.Poller] = {}
         self.up = False  # a handshake succeeded: a daemon is there
         self._problem: str | None = None
         self._handshake_failed: str | None = None
 
-    def wait(self, timeout_ms: int) -> bool:
-        """True once a reply can be read; False at the timeout or once a problem is known."""
+    def wait(self, timeout_ms: int, flag: int = zmq.POLLIN) -> bool:
+        """True once a reply can be read (``flag`` POLLIN) or a request queued (POLLOUT); False at
+        the timeout or once a problem is known."""
         deadline = time.monotonic() + timeout_ms / 1000
+        poller = self._pollers.get(flag)
+        if poller is None:
+            poller = self._pollers[flag] = zmq.Poller()
+            poller.register(self._socket, flag)
+            poller.register(self._monitor, zmq.POLLIN)
         while self._problem is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            events = dict(self._poller.poll(int(left * 1000) + 1))
+            events = dict(poller.poll(int(left * 1000) + 1))
             if self._monitor in events:
                 self._read_events()
             if self._socket in events:
                 return True
-        return bool(self._socket.poll(0))  # a reply that came before the trouble is still read
+        return bool(self._socket.poll(0, flag))  # a reply that came before the trouble is still read
 
     def fresh(self) -> None:
         """A request is sent: a connection lost or refused before it is not its problem (a daemon
