@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from judges import word_errors as wer  # noqa: E402
+from judges import words as _words  # noqa: E402
 from machine import describe  # noqa: E402
 from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
@@ -112,23 +113,6 @@ def _best_of_each(fns, n: int) -> list[float]:
     return [min(ts) for ts in times]
 
 
-def _words(text: str) -> list[str]:
-    """Lower case, punctuation dropped (apostrophes kept inside words), split on whitespace."""
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).replace(" '", " ").split()
-
-
-def wer(ref: str, hyp: str) -> tuple[int, int]:
-    """(word-level edit distance, reference word count) after normalising case and punctuation."""
-    r, h = _words(ref), _words(hyp)
-    prev = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        cur = [i] + [0] * len(h)
-        for j, hw in enumerate(h, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-        prev = cur
-    return prev[-1], len(r)
-
-
 class Recogniser:
     """pocketsphinx (default en-US acoustic + language model), 16 kHz mono int16 in, text out."""
 
@@ -176,13 +160,12 @@ def engine_figures(engine: KokoroEngine) -> None:
     (ps,) = engine.phonemize(RTF_TEXT)
     tokens = engine.tokens(ps)[:MAX_TOKENS]
     style = engine.style_pack(voice)[len(tokens)].reshape(1, 256)
-    feeds = {"tokens": np.asarray([[0, *tokens, 0]], np.int64), "style": style, "speed": np.ones(1, np.float32)}
-    if engine.pitch_control:
-        feeds["pitch"] = np.ones(1, np.float32)
     audio = engine.synthesize_all(RTF_TEXT, voice)
     dur = len(audio) / engine.sample_rate
-    t_bare, t_eng = _best_of_each([lambda: engine._session.run(None, feeds), lambda: engine.synthesize_all(RTF_TEXT, voice)], 7)
-    print(f"RTF ({dur:.1f} s audio, {len(tokens)} tokens): engine {t_eng / dur:.3f}, bare onnxruntime {t_bare / dur:.3f} "
+    backend = engine.backend
+    assert backend is not None
+    t_bare, t_eng = _best_of_each([lambda: backend.run(tokens, style, 1.0, 1.0), lambda: engine.synthesize_all(RTF_TEXT, voice)], 7)
+    print(f"RTF ({dur:.1f} s audio, {len(tokens)} tokens): engine {t_eng / dur:.3f}, bare {backend.name} {t_bare / dur:.3f} "
           f"(front end + overhead {1000 * (t_eng - t_bare):.0f} ms)")
 
     # a cloned voice also carries a pitch/formant warp and an EQ, applied after the model
@@ -354,6 +337,7 @@ def main() -> int:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "voiced-kokoro-bench"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="onnx", choices=("onnx", "torch"))
     ap.add_argument("--fit-budget", type=float, default=60.0)
     ap.add_argument("--no-fit", action="store_true")
     ap.add_argument("--speakers", default="allison_a.wav,carlo_a.wav,june_a.wav")
@@ -374,7 +358,7 @@ def main() -> int:
 
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
-    engine = KokoroEngine(args.cache, threads=args.threads)
+    engine = KokoroEngine(args.cache, threads=args.threads, backend=args.backend)
     t0 = time.perf_counter()
     engine.load(args.device)
     print(f"load+warm-up: {time.perf_counter() - t0:.2f} s on {engine.device}; "

@@ -215,6 +215,24 @@ def test_file_names_as_users_write_them(
 # ---------------------------------------------------------------------------- synthesis
 
 
+def test_torch_backend_serves_a_dropped_voice(tmp_path: Path, clips: dict[str, Path]) -> None:
+    """``[engine] options = { backend = "torch" }``: the same daemon, the model in torch."""
+    settings = {"engine": {"options": {"backend": "torch"}, "refine_budget_s": 0}}
+    with DaemonProcess(tmp_path, settings).start() as daemon:
+        shutil.copyfile(clips["june_a"], daemon.voices / "june.wav")
+        daemon.wait_ready("june")
+        with daemon.client() as client:
+            reply = client.synthesize("The torch model speaks too.", voice="june")
+            chunks = list(client.stream("One sentence. And another one.", voice="june"))
+        log = daemon.log_tail(200_000)
+    audio, rate = decode(reply.audio)
+    assert rate == 24000 and np.isfinite(audio).all() and np.abs(audio).max() > 0.05
+    assert 1.0 < len(audio) / rate < 4.0
+    assert len([c for c in chunks if c.audio]) == 2 and chunks[-1].header["final"]  # a chunk per sentence
+    assert "kokoro (torch) loaded on cpu" in log
+    assert list((tmp_path / "cache").rglob("*.safetensors")), "the torch weights were not cached"
+
+
 def test_synthesize_wav(daemon: DaemonProcess, speaker: str) -> None:
     with daemon.client() as client:
         short = client.synthesize("Hello there.", voice=speaker)

@@ -45,11 +45,13 @@ def _toml_value(value: Any) -> str:
         return json.dumps(os.fspath(value))  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table, as ``[engine] options = { ... }``
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def render_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
-    """Tables of scalars and lists (``{"plugins.journal": {...}}`` for a dotted table)."""
+    """Tables of scalars, lists and inline tables (``{"plugins.journal": {...}}`` for a dotted table)."""
     lines: list[str] = []
     for name, table in sections.items():
         lines.append(f"[{name}]")

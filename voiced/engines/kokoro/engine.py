@@ -1,10 +1,9 @@
-"""Kokoro-82M (int8 ONNX) run with onnxruntime: the built-in engine."""
+"""Kokoro-82M, the built-in engine: the int8 ONNX graph in onnxruntime, or the same weights in torch."""
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -23,7 +22,8 @@ from voiced.engines.base import (
     check_speed,
     whole_number,
 )
-from voiced.engines.kokoro import graph, phonemes, post, text, weights
+from voiced.engines.kokoro import phonemes, post, text, weights
+from voiced.engines.kokoro.backends import BACKENDS, Backend, load_backend
 from voiced.engines.kokoro.fitting import FIT_VERSION
 from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
 
@@ -33,12 +33,11 @@ SAMPLE_RATE = 24_000
 STYLE_DIM = 256
 MAX_TOKENS = 510  # model context is 512 including the two pad tokens
 DEFAULT_MAX_CHARS = 100_000
-MAX_THREADS = 256  # onnxruntime intra-op threads; more is a typo, not a machine
+MAX_THREADS = 256  # intra-op threads; more is a typo, not a machine
 DEFAULT_VOICE = "jf_alpha"
 # Bump the suffix whenever the text front end or the voice post-processing changes what a cache
 # entry would hold; fitting.FIT_VERSION (also in ``version``) covers changes to the fit itself.
 ENGINE_VERSION = "kokoro-v1.0-int8+fe1+post1"
-_MODEL_INPUTS = {"tokens", "style", "speed"}
 
 _WARMUP_TEXT = "Hello, this is a warm up."
 # onnxruntime keeps the buffers it grew for the longest input it has run (about 400 MiB more for
@@ -74,28 +73,6 @@ def split_phonemes(ps: str, limit: int = MAX_TOKENS) -> list[str]:
     return [p for p in pieces if p]
 
 
-def _resolve_providers(device: str) -> tuple[list[Any], str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    dev = (device or "auto").strip().lower()
-    if dev == "cpu":
-        return ["CPUExecutionProvider"], "cpu"
-    if dev == "auto" or dev == "cuda" or dev.startswith("cuda:"):
-        index = 0
-        if dev.startswith("cuda:"):
-            try:
-                index = int(dev.split(":", 1)[1])
-            except ValueError as exc:
-                raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto") from exc
-        if "CUDAExecutionProvider" in available:
-            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], f"cuda:{index}"
-        if dev != "auto":
-            raise EngineError(f"device {device!r} requested but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
-        return ["CPUExecutionProvider"], "cpu"
-    raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto")
-
-
 class KokoroEngine(Engine):
     """Kokoro-82M: phonemes (espeak-ng) + a 256-d style vector -> 24 kHz speech.
 
@@ -119,11 +96,14 @@ class KokoroEngine(Engine):
         threads: int | None = None,
         encoder: Any = None,
         default_voice: str = DEFAULT_VOICE,
+        backend: str = "onnx",
     ) -> None:
         """``cache_dir`` receives the joined model; ``encoder`` is a SpeakerEncoder (for cloning).
 
-        ``max_chars``, ``threads`` (0 or None: onnxruntime's default) and ``default_voice`` are the
-        ``[engine] options`` of the daemon's config; a bad value raises ParamError naming it.
+        ``max_chars``, ``threads`` (0 or None: the runtime's default), ``default_voice`` and
+        ``backend`` ("onnx": the int8 graph in onnxruntime; "torch": the float32 network with the
+        same weights, see torchnet.py) are the ``[engine] options`` of the daemon's config; a bad
+        value raises ParamError naming it.
         """
         self.cache_dir = Path(cache_dir)
         self.max_chars = whole_number("max_chars", max_chars, 1)
@@ -131,6 +111,9 @@ class KokoroEngine(Engine):
         if not isinstance(default_voice, str):
             raise ParamError(f"default_voice must be a base voice's name, got {default_voice!r}")
         self.default_voice = default_voice
+        if backend not in BACKENDS:
+            raise ParamError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend_name = backend
         self._encoder = encoder
         self._files = weights.locate()
         self.vocab = weights.load_vocab(self._files)
@@ -140,7 +123,7 @@ class KokoroEngine(Engine):
         self.device = "unloaded"
         self.pitch_control = False
         self._warned_no_pitch = False
-        self._session: Any = None
+        self.backend: Backend | None = None
         self._fitter: Any = None
         self._fitter_lock = threading.Lock()
         self._calls = threading.Lock()  # guards the three fields below
@@ -152,35 +135,14 @@ class KokoroEngine(Engine):
     # ----------------------------------------------------------------------------- lifecycle
 
     def load(self, device: str = "auto") -> None:
-        """Join/verify the weights if needed, open the ONNX session, run one real synthesis."""
-        import onnxruntime as ort
-
-        providers, resolved = _resolve_providers(device)
+        """Join/verify the weights if needed, load the backend, run one real synthesis."""
         path = weights.assemble_model(self.cache_dir, self._files)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            opts.intra_op_num_threads = int(self.threads)
-        opts.inter_op_num_threads = 1
-        # idle intra-op threads would spin for a while after each call, taking the CPU from the
-        # thread serving the socket and from voice preparation on small machines
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         t0 = time.perf_counter()
-        try:
-            path = graph.pitched_model(path) or path
-        except (EngineError, OSError, subprocess.SubprocessError) as exc:  # the model still speaks, at its own pitch
-            log.warning("serving the Kokoro model without pitch control: %s", exc)
-        try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own types; a corrupt file lands here
-            raise EngineError(f"cannot load the Kokoro model {path}: {exc}") from exc
-        self.device = resolved if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
-        names = {i.name for i in self._session.get_inputs()}
-        if names not in (_MODEL_INPUTS, _MODEL_INPUTS | {graph.PITCH_INPUT}):
-            raise EngineError(f"unexpected Kokoro model inputs {sorted(names)}")
-        self.pitch_control = graph.PITCH_INPUT in names
+        self.backend = load_backend(self.backend_name, path, self._files.sha256, device, self.threads)
+        self.device = self.backend.device
+        self.pitch_control = self.backend.pitch_control
         audio = np.concatenate(list(self.synthesize(_WARMUP_TEXT, self.default_conditioning(), {})))
-        log.info("kokoro loaded on %s in %.2fs (warm-up %.2fs of audio)", self.device,
+        log.info("kokoro (%s) loaded on %s in %.2fs (warm-up %.2fs of audio)", self.backend_name, self.device,
                  time.perf_counter() - t0, len(audio) / SAMPLE_RATE)
         if self._encoder is not None:
             # Embeddings of the base voices' calibration speech (a few seconds, cached on disk)
@@ -189,10 +151,10 @@ class KokoroEngine(Engine):
 
     @property
     def loaded(self) -> bool:
-        return self._session is not None
+        return self.backend is not None
 
     def _require_loaded(self) -> None:
-        if self._session is None:
+        if self.backend is None:
             raise EngineError("the Kokoro engine is not loaded; call load() first")
 
     # ----------------------------------------------------------------------------- voices
@@ -267,11 +229,13 @@ class KokoroEngine(Engine):
             return np.zeros(0, np.float32)
         if pitch != 1.0 and not self.pitch_control:
             self._warn_no_pitch()
-        feeds = self._feeds(tokens, style_pack, speed, pitch)
+        assert self.backend is not None
+        tokens = tokens[:MAX_TOKENS]
+        style = self._style_row(style_pack, len(tokens))
         with self._calls:
             self._running += 1
         try:
-            out = self._session.run(None, feeds)[0]
+            out = self.backend.run(tokens, style, speed, pitch)
         finally:
             with self._calls:
                 self._running -= 1
@@ -281,17 +245,11 @@ class KokoroEngine(Engine):
         # int8 kernels on unusual styles can overflow; never hand NaNs to a sound card.
         return np.nan_to_num(np.clip(audio, -1.0, 1.0), nan=0.0)
 
-    def _feeds(self, tokens: list[int], style_pack: np.ndarray, speed: float, pitch: float) -> dict[str, np.ndarray]:
-        tokens = tokens[:MAX_TOKENS]
-        style = style_pack[min(len(tokens), style_pack.shape[0] - 1)].reshape(1, STYLE_DIM)
-        feeds = {
-            "tokens": np.asarray([[0, *tokens, 0]], dtype=np.int64),
-            "style": np.ascontiguousarray(style, dtype=np.float32),
-            "speed": np.asarray([speed], dtype=np.float32),
-        }
-        if self.pitch_control:
-            feeds[graph.PITCH_INPUT] = np.asarray([pitch], dtype=np.float32)
-        return feeds
+    @staticmethod
+    def _style_row(style_pack: np.ndarray, n_tokens: int) -> np.ndarray:
+        """The pack's style for an utterance of ``n_tokens`` tokens, (1, 256) float32."""
+        style = style_pack[min(n_tokens, style_pack.shape[0] - 1)].reshape(1, STYLE_DIM)
+        return np.ascontiguousarray(style, dtype=np.float32)
 
     def idle(self) -> None:
         """Release the model's grown buffers once no call has run for IDLE_RELEASE_S."""
@@ -301,22 +259,17 @@ class KokoroEngine(Engine):
             self.release_memory()
 
     def release_memory(self) -> None:
-        """Give back the memory onnxruntime holds beyond what a short input needs.
+        """Give back the memory the backend holds beyond what a short input needs.
 
-        One model call on a one-word input, asking the CPU arena to shrink as the call ends:
-        what no running call holds is freed. Calls running meanwhile on other threads, and
-        another release, are safe.
+        Calls running meanwhile on other threads, and another release, are safe.
         """
-        if self._session is None:
+        if self.backend is None:
             return
-        import onnxruntime as ort
-
         with self._calls:
             self._used_since_release = False
-        options = ort.RunOptions()
-        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         (ps,) = self.phonemize("Hi.")
-        self._session.run(None, self._feeds(self.tokens(ps), self.voices[self.default_voice], 1.0, 1.0), options)
+        tokens = self.tokens(ps)
+        self.backend.release(tokens, self._style_row(self.voices[self.default_voice], len(tokens)))
 
     def synthesize(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> Iterator[np.ndarray]:
         """Validate everything eagerly, then return a generator of per-sentence chunks."""

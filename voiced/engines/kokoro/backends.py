@@ -1,0 +1,191 @@
+"""The two runtimes that can run Kokoro: onnxruntime on the int8 graph, or torch on its weights.
+
+Both take one utterance's token ids (without the pad tokens), its style row (1, 256), a speed and
+a pitch factor, and return float32 audio at 24 kHz. The engine chooses one with its ``backend``
+option; everything else (text, voices, fitting, post-processing) is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from voiced.engines.base import EngineError
+from voiced.engines.kokoro import graph
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnx", "torch")
+_MODEL_INPUTS = {"tokens", "style", "speed"}
+
+
+class Backend(Protocol):
+    name: str
+    device: str  # "cpu" or "cuda:N", as resolved at load
+    pitch_control: bool  # whether the pitch factor reaches the model's F0
+
+    def run(self, tokens: list[int], style: np.ndarray, speed: float, pitch: float) -> np.ndarray: ...
+
+    def release(self, tokens: list[int], style: np.ndarray) -> None:
+        """Give back memory grown for long inputs (``tokens``/``style``: a short input to run)."""
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+
+
+def _onnx_providers(device: str) -> tuple[list[Any], str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    dev = (device or "auto").strip().lower()
+    if dev == "cpu":
+        return ["CPUExecutionProvider"], "cpu"
+    if dev == "auto" or dev == "cuda" or dev.startswith("cuda:"):
+        index = 0
+        if dev.startswith("cuda:"):
+            try:
+                index = int(dev.split(":", 1)[1])
+            except ValueError as exc:
+                raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto") from exc
+        if "CUDAExecutionProvider" in available:
+            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], f"cuda:{index}"
+        if dev != "auto":
+            raise EngineError(f"device {device!r} requested but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        return ["CPUExecutionProvider"], "cpu"
+    raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto")
+
+
+class OnnxBackend:
+    """The int8 graph in onnxruntime, with the pitch input added (graph.py) when it can be."""
+
+    name = "onnx"
+
+    def __init__(self, model: Path, device: str, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        providers, resolved = _onnx_providers(device)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        # idle intra-op threads would spin for a while after each call, taking the CPU from the
+        # thread serving the socket and from voice preparation on small machines
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        path = model
+        try:
+            path = graph.pitched_model(model) or model
+        except (EngineError, OSError, subprocess.SubprocessError) as exc:  # the model still speaks, at its own pitch
+            log.warning("serving the Kokoro model without pitch control: %s", exc)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own types; a corrupt file lands here
+            raise EngineError(f"cannot load the Kokoro model {path}: {exc}") from exc
+        self.device = resolved if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        names = {i.name for i in self.session.get_inputs()}
+        if names not in (_MODEL_INPUTS, _MODEL_INPUTS | {graph.PITCH_INPUT}):
+            raise EngineError(f"unexpected Kokoro model inputs {sorted(names)}")
+        self.pitch_control = graph.PITCH_INPUT in names
+
+    def feeds(self, tokens: list[int], style: np.ndarray, speed: float, pitch: float) -> dict[str, np.ndarray]:
+        feeds = {
+            "tokens": np.asarray([[0, *tokens, 0]], dtype=np.int64),
+            "style": np.ascontiguousarray(style, dtype=np.float32).reshape(1, -1),
+            "speed": np.asarray([speed], dtype=np.float32),
+        }
+        if self.pitch_control:
+            feeds[graph.PITCH_INPUT] = np.asarray([pitch], dtype=np.float32)
+        return feeds
+
+    def run(self, tokens: list[int], style: np.ndarray, speed: float, pitch: float) -> np.ndarray:
+        return np.asarray(self.session.run(None, self.feeds(tokens, style, speed, pitch))[0], dtype=np.float32)
+
+    def release(self, tokens: list[int], style: np.ndarray) -> None:
+        """onnxruntime keeps the arena it grew for the longest input: one short call, asking the CPU
+        arena to shrink as it ends, frees what no running call holds."""
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.session.run(None, self.feeds(tokens, style, 1.0, 1.0), options)
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+def torch_device(device: str) -> Any:
+    import torch
+
+    dev = (device or "auto").strip().lower()
+    if dev == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cpu":
+        return torch.device("cpu")
+    if dev == "cuda" or dev.startswith("cuda:"):
+        try:
+            resolved = torch.device(dev)
+        except RuntimeError as exc:
+            raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto") from exc
+        if not torch.cuda.is_available():
+            raise EngineError(f"device {device!r} requested but torch sees no CUDA device")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise EngineError(f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        return resolved
+    raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto")
+
+
+class TorchBackend:
+    """The float32 network of torchnet.py with the weights recovered from the graph."""
+
+    name = "torch"
+    pitch_control = True
+
+    def __init__(self, model: Path, graph_sha256: str, device: str, threads: int | None) -> None:
+        import torch
+
+        from voiced.engines.kokoro import torchweights
+        from voiced.engines.kokoro.torchnet import KokoroNet
+
+        resolved = torch_device(device)
+        if threads:
+            torch.set_num_threads(int(threads))  # process-wide: torch has one intra-op pool
+        path = torchweights.cached_weights(model, graph_sha256)
+        try:
+            state = torchweights.load_state(path)
+            net = KokoroNet()
+            net.load_state_dict(state, strict=True)
+        except Exception as exc:  # a file that passed its digest but not the network: say which
+            raise EngineError(f"cannot load the torch weights {path}: {exc}") from exc
+        self._torch = torch
+        self.net = net.eval().requires_grad_(False).to(resolved)
+        self.torch_device = resolved
+        self.device = str(resolved) if resolved.type == "cpu" else f"cuda:{resolved.index or 0}"
+
+    def run(self, tokens: list[int], style: np.ndarray, speed: float, pitch: float) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            ids = torch.tensor([[0, *tokens, 0]], dtype=torch.long, device=self.torch_device)
+            s = torch.tensor(np.asarray(style, dtype=np.float32).reshape(1, -1), device=self.torch_device)
+            audio = self.net(ids, s, float(speed), float(pitch)).audio
+        return audio.float().cpu().numpy()
+
+    def release(self, tokens: list[int], style: np.ndarray) -> None:
+        """torch's CPU allocator returns large blocks to the system as they are freed; on a GPU the
+        cached blocks go back to the driver."""
+        if self.torch_device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+def load_backend(name: str, model: Path, graph_sha256: str, device: str, threads: int | None) -> Backend:
+    if name == "onnx":
+        return OnnxBackend(model, device, threads)
+    if name == "torch":
+        return TorchBackend(model, graph_sha256, device, threads)
+    raise EngineError(f"unknown Kokoro backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Backend", "OnnxBackend", "TorchBackend", "load_backend", "torch_device"]
