@@ -131,6 +131,76 @@ def test_torch_backend_speaks_like_onnxruntime(engines, tmp_path_factory, speake
             assert 0.7 < _rms(b) / _rms(a) < 1.4, (voice, sentence, _rms(a), _rms(b))
 
 
+def test_torch_batch_speaks_each_item_as_it_would_alone(engines, tmp_path_factory):
+    """Three utterances of different lengths, voices, speeds and pitches in one padded batch."""
+    import torch
+
+    eng = _loaded(engines, "torch", tmp_path_factory)
+    net = eng.backend.net
+    texts = ("Hello there.", "The quick brown fox jumps over the lazy dog, twice.", "Where is the station?")
+    tokens = [torch.tensor([0, *eng.tokens(eng.phonemize(t)[0]), 0]) for t in texts]
+    styles = torch.tensor(np.stack([eng.voices[v][len(t) - 2] for v, t in zip(("jf_alpha", "jm_kumo", "jf_nezumi"), tokens)]))
+    speed, pitch = torch.tensor([1.0, 1.2, 0.9]), torch.tensor([1.0, 1.1, 0.95])
+    with torch.inference_mode():
+        alone = [net.batch([t], styles[i:i + 1], speed[i:i + 1], pitch[i:i + 1])[0] for i, t in enumerate(tokens)]
+        together = net.batch(tokens, styles, speed, pitch)
+        timed = net.batch(tokens, styles, speed, pitch, durations=[a.durations for a in alone])
+    for a, b, c in zip(alone, together, timed):
+        # the batch's arithmetic may round a token's duration the other way, never more
+        assert len(b.durations) == len(a.durations) and (b.durations - a.durations).abs().max() <= 1
+        assert torch.equal(c.durations, a.durations) and len(c.audio) == len(a.audio)
+        # the same speech: float sums in another order move the source's phase a little (>= 25 dB SNR)
+        snr = 10 * torch.log10(a.audio.square().sum() / (a.audio - c.audio).square().sum())
+        assert snr > 25, float(snr)
+
+
+def test_batcher_runs_calls_that_wait_together_and_keeps_replies_apart():
+    import threading
+
+    from voiced.engines.kokoro.backends import Batcher
+
+    gate, batches = threading.Event(), []
+
+    def run(items):
+        batches.append(list(items))
+        if len(batches) == 1:
+            assert gate.wait(60), "the test never opened the gate"
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [f"{i}!" for i in items]
+
+    batcher = Batcher(run, max_batch=3)
+    results: dict[object, object] = {}
+
+    def call(item):
+        try:
+            results[item] = batcher(item)
+        except ValueError as exc:
+            results[item] = exc
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not batches:  # the first call runs at once, alone: it waits for no company
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    others = [threading.Thread(target=call, args=(i,)) for i in (1, "bad", 2, 3)]
+    for t in others:
+        t.start()
+    while len(batcher._pending) < 4:  # all four queue behind the running batch
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    gate.set()
+    for t in (first, *others):
+        t.join(60)
+    assert batches[0] == [0] and len(batches[1]) == 3  # the next batch takes three of the four waiting
+    assert max(len(b) for b in batches) == 3  # never more than max_batch
+    # the failed batch ran again item by item: only the bad item's caller gets the error
+    assert results[0] == "0!" and results[1] == "1!" and results[2] == "2!" and results[3] == "3!"
+    assert isinstance(results["bad"], ValueError)
+    assert batcher.items >= 5
+
+
 def test_unknown_backend_is_a_param_error(tmp_path):
     with pytest.raises(ParamError, match="backend must be one of onnx, torch"):
         KokoroEngine(tmp_path, backend="tensorrt")
@@ -646,7 +716,9 @@ def test_refine_reports_the_share_of_its_work_done(engine, allison):
     wav, emb = allison
     quick = engine.prepare_voice(wav, emb, stage="quick")
     shares: list[float] = []
-    engine.prepare_voice(wav, emb, stage="refined", previous=quick, budget_s=4.0, progress=shares.append)
+    # time stands still for the fit (see TickingClock): its work, not this machine's speed, decides
+    engine.fitter().refine(emb, previous=quick, budget_s=4.0, reference=wav, progress=shares.append,
+                           clock=TickingClock())
     assert shares[-1] == 1.0 and len(shares) >= 3, shares  # after each of its evaluations, then done
     assert shares == sorted(shares) and 0.0 < shares[0] < 1.0 and max(shares[:-1]) < 1.0
 

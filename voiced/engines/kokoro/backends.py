@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -114,6 +117,91 @@ class OnnxBackend:
         self.session.run(None, self.feeds(tokens, style, 1.0, 1.0), options)
 
 
+# ----------------------------------------------------------------------------- batching
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Call(Generic[T, R]):
+    item: T
+    done: bool = False
+    result: R | None = None
+    error: BaseException | None = None
+    event: threading.Event = field(default_factory=threading.Event)
+
+
+class Batcher(Generic[T, R]):
+    """Runs calls made at the same time from several threads as one batch.
+
+    No call waits for company: a call that finds the model idle runs at once (a batch of one).
+    Calls that arrive while a batch runs wait for it, and the next batch takes them all (up to
+    ``max_batch``, oldest first). The caller whose call is oldest runs it, so there is no thread of
+    its own to start or stop. If a batch fails, its items run again one by one, so one bad item
+    cannot fail the others; each caller gets its own result or its own exception.
+    """
+
+    def __init__(self, run_batch: Callable[[Sequence[T]], Sequence[R]], max_batch: int) -> None:
+        self._run_batch = run_batch
+        self.max_batch = max(1, int(max_batch))
+        self._lock = threading.Lock()
+        self._pending: list[_Call[T, R]] = []
+        self._busy = False
+        self.batches = 0  # batches run, and the items in them: for benchmarks and tests
+        self.items = 0
+
+    def __call__(self, item: T) -> R:
+        call: _Call[T, R] = _Call(item)
+        with self._lock:
+            self._pending.append(call)
+        while True:
+            with self._lock:
+                if call.done:
+                    break
+                lead = not self._busy
+                if lead:
+                    self._busy = True
+                    batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            if lead:
+                try:
+                    self._run(batch)
+                finally:
+                    with self._lock:
+                        self._busy = False
+                        waiting = list(self._pending)
+                    for other in waiting:  # one of them leads the next batch
+                        other.event.set()
+                continue
+            call.event.wait()
+            call.event.clear()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]
+
+    def _run(self, batch: list[_Call[T, R]]) -> None:
+        try:
+            results = list(self._run_batch([c.item for c in batch]))
+            outcomes: list[tuple[R | None, BaseException | None]] = [(r, None) for r in results]
+        except Exception as exc:  # noqa: BLE001 - isolate the item that failed
+            if len(batch) == 1:
+                outcomes = [(None, exc)]
+            else:
+                outcomes = []
+                for c in batch:
+                    try:
+                        outcomes.append((self._run_batch([c.item])[0], None))
+                    except Exception as one:  # noqa: BLE001 - handed to its own caller
+                        outcomes.append((None, one))
+        with self._lock:
+            self.batches += 1
+            self.items += len(batch)
+            for c, (result, error) in zip(batch, outcomes):
+                c.result, c.error, c.done = result, error, True
+        for c in batch:
+            c.event.set()
+
+
 # ----------------------------------------------------------------------------- torch
 
 
@@ -144,7 +232,7 @@ class TorchBackend:
     name = "torch"
     pitch_control = True
 
-    def __init__(self, model: Path, graph_sha256: str, device: str, threads: int | None) -> None:
+    def __init__(self, model: Path, graph_sha256: str, device: str, threads: int | None, batch: int = 1) -> None:
         import torch
 
         from voiced.engines.kokoro import torchweights
@@ -164,14 +252,22 @@ class TorchBackend:
         self.net = net.eval().requires_grad_(False).to(resolved)
         self.torch_device = resolved
         self.device = str(resolved) if resolved.type == "cpu" else f"cuda:{resolved.index or 0}"
+        self.batcher: Batcher[tuple[list[int], np.ndarray, float, float], np.ndarray] = Batcher(self._batch, batch)
 
     def run(self, tokens: list[int], style: np.ndarray, speed: float, pitch: float) -> np.ndarray:
+        """One utterance; calls made meanwhile by other threads share its batch (see Batcher)."""
+        return self.batcher((tokens, np.asarray(style, dtype=np.float32).reshape(-1), float(speed), float(pitch)))
+
+    def _batch(self, items: Sequence[tuple[list[int], np.ndarray, float, float]]) -> list[np.ndarray]:
         torch = self._torch
+        dev = self.torch_device
         with torch.inference_mode():
-            ids = torch.tensor([[0, *tokens, 0]], dtype=torch.long, device=self.torch_device)
-            s = torch.tensor(np.asarray(style, dtype=np.float32).reshape(1, -1), device=self.torch_device)
-            audio = self.net(ids, s, float(speed), float(pitch)).audio
-        return audio.float().cpu().numpy()
+            tokens = [torch.tensor([0, *t, 0], dtype=torch.long) for t, _, _, _ in items]
+            styles = torch.tensor(np.stack([s for _, s, _, _ in items]), device=dev)
+            speed = torch.tensor([v for _, _, v, _ in items], dtype=torch.float32, device=dev)
+            pitch = torch.tensor([p for _, _, _, p in items], dtype=torch.float32, device=dev)
+            out = self.net.batch(tokens, styles, speed, pitch)
+        return [o.audio.float().cpu().numpy() for o in out]
 
     def release(self, tokens: list[int], style: np.ndarray) -> None:
         """torch's CPU allocator returns large blocks to the system as they are freed; on a GPU the
@@ -180,12 +276,12 @@ class TorchBackend:
             self._torch.cuda.empty_cache()
 
 
-def load_backend(name: str, model: Path, graph_sha256: str, device: str, threads: int | None) -> Backend:
+def load_backend(name: str, model: Path, graph_sha256: str, device: str, threads: int | None, batch: int = 1) -> Backend:
     if name == "onnx":
         return OnnxBackend(model, device, threads)
     if name == "torch":
-        return TorchBackend(model, graph_sha256, device, threads)
+        return TorchBackend(model, graph_sha256, device, threads, batch)
     raise EngineError(f"unknown Kokoro backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "OnnxBackend", "TorchBackend", "load_backend", "torch_device"]
+__all__ = ["BACKENDS", "Backend", "Batcher", "OnnxBackend", "TorchBackend", "load_backend", "torch_device"]

@@ -34,6 +34,7 @@ STYLE_DIM = 256
 MAX_TOKENS = 510  # model context is 512 including the two pad tokens
 DEFAULT_MAX_CHARS = 100_000
 MAX_THREADS = 256  # intra-op threads; more is a typo, not a machine
+MAX_BATCH = 256
 DEFAULT_VOICE = "jf_alpha"
 # Bump the suffix whenever the text front end or the voice post-processing changes what a cache
 # entry would hold; fitting.FIT_VERSION (also in ``version``) covers changes to the fit itself.
@@ -97,13 +98,15 @@ class KokoroEngine(Engine):
         encoder: Any = None,
         default_voice: str = DEFAULT_VOICE,
         backend: str = "onnx",
+        batch: int = 8,
     ) -> None:
         """``cache_dir`` receives the joined model; ``encoder`` is a SpeakerEncoder (for cloning).
 
         ``max_chars``, ``threads`` (0 or None: the runtime's default), ``default_voice`` and
         ``backend`` ("onnx": the int8 graph in onnxruntime; "torch": the float32 network with the
-        same weights, see torchnet.py) are the ``[engine] options`` of the daemon's config; a bad
-        value raises ParamError naming it.
+        same weights, see torchnet.py) and ``batch`` (torch: the most sentences that calls made at
+        the same time share in one padded model call; 1 runs each alone) are the ``[engine]
+        options`` of the daemon's config; a bad value raises ParamError naming it.
         """
         self.cache_dir = Path(cache_dir)
         self.max_chars = whole_number("max_chars", max_chars, 1)
@@ -114,6 +117,7 @@ class KokoroEngine(Engine):
         if backend not in BACKENDS:
             raise ParamError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend_name = backend
+        self.batch = whole_number("batch", batch, 1, MAX_BATCH)
         self._encoder = encoder
         self._files = weights.locate()
         self.vocab = weights.load_vocab(self._files)
@@ -138,7 +142,7 @@ class KokoroEngine(Engine):
         """Join/verify the weights if needed, load the backend, run one real synthesis."""
         path = weights.assemble_model(self.cache_dir, self._files)
         t0 = time.perf_counter()
-        self.backend = load_backend(self.backend_name, path, self._files.sha256, device, self.threads)
+        self.backend = load_backend(self.backend_name, path, self._files.sha256, device, self.threads, self.batch)
         self.device = self.backend.device
         self.pitch_control = self.backend.pitch_control
         audio = np.concatenate(list(self.synthesize(_WARMUP_TEXT, self.default_conditioning(), {})))

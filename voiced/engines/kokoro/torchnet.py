@@ -144,6 +144,22 @@ class Albert(nn.Module):
 # ----------------------------------------------------------------------------- building blocks
 
 
+def _instance_norm(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Instance norm over time; with ``mask`` (batch, 1, time; 1.0 where real) padding is left out
+    of the statistics, so a padded item is normalised as it would be alone."""
+    if mask is None:
+        return F.instance_norm(x, eps=1e-5)
+    n = mask.sum(dim=2, keepdim=True).clamp_min(1.0)
+    mean = (x * mask).sum(dim=2, keepdim=True) / n
+    var = ((x - mean).square() * mask).sum(dim=2, keepdim=True) / n
+    return (x - mean) * torch.rsqrt(var + 1e-5)
+
+
+def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero the padding: every conv then sees what it would see at the end of an unpadded item."""
+    return x if mask is None else x * mask
+
+
 class AdaIN1d(nn.Module):
     """Instance norm (no affine: the shipped weights have none) scaled and shifted by the style."""
 
@@ -151,9 +167,9 @@ class AdaIN1d(nn.Module):
         super().__init__()
         self.fc = nn.Linear(style, channels * 2)
 
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None = None) -> Tensor:
         gamma, beta = self.fc(s)[:, :, None].chunk(2, dim=1)
-        return (1 + gamma) * F.instance_norm(x, eps=1e-5) + beta
+        return (1 + gamma) * _instance_norm(x, mask) + beta
 
 
 class AdaLayerNorm(nn.Module):
@@ -195,15 +211,19 @@ class AdainResBlk1d(nn.Module):
         self.pool = (nn.ConvTranspose1d(dim_in, dim_in, 3, 2, groups=dim_in, padding=1, output_padding=1)
                      if upsample else None)
 
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        y = F.leaky_relu(self.norm1(x, s), 0.2)
+    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` is at the input's frame rate; the output (twice as long when upsampling) is
+        masked at its own."""
+        out_mask = mask.repeat_interleave(2, dim=2) if mask is not None and self.upsample else mask
+        y = _masked(F.leaky_relu(self.norm1(x, s, mask), 0.2), mask)
         if self.pool is not None:
-            y = self.pool(y)
-        y = self.conv2(F.leaky_relu(self.norm2(self.conv1(y), s), 0.2))
+            y = _masked(self.pool(y), out_mask)  # its bias lands on the padding too
+        y = _masked(F.leaky_relu(self.norm2(self.conv1(y), s, out_mask), 0.2), out_mask)
+        y = self.conv2(y)
         shortcut = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.upsample else x
         if self.conv1x1 is not None:
             shortcut = self.conv1x1(shortcut)
-        return (y + shortcut) * (1 / math.sqrt(2))
+        return _masked((y + shortcut) * (1 / math.sqrt(2)), out_mask)
 
 
 class AdaINResBlock1(nn.Module):
@@ -224,12 +244,17 @@ class AdaINResBlock1(nn.Module):
     def _snake(x: Tensor, alpha: Tensor) -> Tensor:
         return x + (1 / alpha) * torch.sin(alpha * x) ** 2
 
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None = None) -> Tensor:
         for c1, c2, n1, n2, a1, a2 in zip(self.convs1, self.convs2, self.adain1, self.adain2, self.alpha1,
                                           self.alpha2):
-            y = c1(self._snake(n1(x, s), a1))
-            x = x + c2(self._snake(n2(y, s), a2))
-        return x
+            y = c1(_masked(self._snake(n1(x, s, mask), a1), mask))
+            x = x + c2(_masked(self._snake(n2(y, s, mask), a2), mask))
+        return _masked(x, mask)
+
+
+def _length_mask(lengths: Tensor, size: int) -> Tensor:
+    """(batch, 1, size) float mask, 1.0 in each item's first ``lengths[b]`` steps."""
+    return (torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]).to(torch.float32)[:, None, :]
 
 
 def _bilstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -305,14 +330,16 @@ class ProsodyPredictor(nn.Module):
         x = _bilstm(self.lstm, d, lengths)
         return torch.sigmoid(self.duration_proj["linear_layer"](x)).sum(dim=-1)
 
-    def f0_energy(self, en: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.shared(en.transpose(1, 2))[0].transpose(1, 2)
-        f0, n = x, x
-        for block in self.F0:
-            f0 = block(f0, s)
-        for block in self.N:
-            n = block(n, s)
-        return self.F0_proj(f0)[:, 0], self.N_proj(n)[:, 0]
+    def f0_energy(self, en: Tensor, s: Tensor, frames: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """F0 and energy at twice the frame rate; ``frames`` (batch,): real frames of each item."""
+        mask = None if frames is None else _length_mask(frames, en.shape[2])
+        x = _masked(_bilstm(self.shared, en.transpose(1, 2), frames).transpose(1, 2), mask)
+        f0, n, m = x, x, mask
+        for f0_block, n_block in zip(self.F0, self.N):
+            f0, n = f0_block(f0, s, m), n_block(n, s, m)
+            if m is not None and f0_block.upsample:
+                m = m.repeat_interleave(2, dim=2)
+        return _masked(self.F0_proj(f0), m)[:, 0], _masked(self.N_proj(n), m)[:, 0]
 
 
 # ----------------------------------------------------------------------------- vocoder
@@ -370,7 +397,8 @@ class Generator(nn.Module):
         sines = torch.sin(phase) * 0.1 * voiced
         return torch.tanh(self.m_source.l_linear(sines))[:, :, 0]
 
-    def forward(self, x: Tensor, s: Tensor, f0: Tensor) -> Tensor:
+    def _harmonics(self, f0: Tensor) -> Tensor:
+        """The source's STFT, magnitudes then phases: (batch, n_fft + 2, samples / hop + 1)."""
         c = self.c
         spec = torch.stft(self.source(f0), c.n_fft, c.hop, c.n_fft, window=self.window, center=True,
                           pad_mode="reflect", return_complex=True)
@@ -379,21 +407,42 @@ class Generator(nn.Module):
         re, im = spec.real, spec.imag
         zero = (re == 0) & (im == 0)
         phase = torch.atan2(im, torch.where(zero, torch.ones_like(re), re))
-        har = torch.cat([spec.abs(), phase], dim=1)
+        return torch.cat([spec.abs(), phase], dim=1)
+
+    def forward(self, x: Tensor, s: Tensor, f0: Tensor, frames: Tensor | None = None) -> list[Tensor]:
+        """Audio per item; ``frames`` (batch,): each item's real F0 frames (``f0`` is padded to the
+        longest). The source and both STFTs run per item, on its own length, as they would alone."""
+        c = self.c
+        lengths = [f0.shape[1]] * f0.shape[0] if frames is None else [int(n) for n in frames]
+        har = torch.zeros(f0.shape[0], c.n_fft + 2, f0.shape[1] * self.scale // c.hop + 1, device=f0.device)
+        for b, n in enumerate(lengths):
+            har[b, :, : n * self.scale // c.hop + 1] = self._harmonics(f0[b:b + 1, :n])[0]
+        # each upsampling's output is its factor times as long (the last one padded by one sample)
+        masks: list[Tensor | None] = [None] * len(self.ups)
+        if frames is not None:
+            factor = 1
+            for i, rate in enumerate(c.upsample_rates):
+                factor *= rate
+                extra = 1 if i == len(self.ups) - 1 else 0
+                masks[i] = _length_mask(frames * factor + extra, x.shape[2] * factor + extra)
         kernels = len(c.resblock_kernels)
         for i, up in enumerate(self.ups):
+            mask = masks[i]
             x = F.leaky_relu(x, 0.1)
-            source = self.noise_res[i](self.noise_convs[i](har), s)
+            source = self.noise_res[i](self.noise_convs[i](har), s, mask)
             x = up(x)
             if i == len(self.ups) - 1:
                 x = F.pad(x, (1, 0), mode="reflect")
-            x = x + source
-            x = sum(self.resblocks[i * kernels + j](x, s) for j in range(kernels)) / kernels
+            x = _masked(x + source, mask)
+            x = sum(self.resblocks[i * kernels + j](x, s, mask) for j in range(kernels)) / kernels
         x = self.conv_post(F.leaky_relu(x, 0.01))
         half = c.n_fft // 2 + 1
-        spec = torch.polar(torch.exp(x[:, :half]), torch.sin(x[:, half:]))
-        audio = torch.istft(spec, c.n_fft, c.hop, c.n_fft, window=self.window, center=True)
-        return audio * c.istft_gain
+        out = []
+        for b, n in enumerate(lengths):
+            spec = torch.polar(torch.exp(x[b:b + 1, :half, : n * self.scale // c.hop + 1]),
+                               torch.sin(x[b:b + 1, half:, : n * self.scale // c.hop + 1]))
+            out.append(torch.istft(spec, c.n_fft, c.hop, c.n_fft, window=self.window, center=True)[0] * c.istft_gain)
+        return out
 
 
 class Decoder(nn.Module):
@@ -408,14 +457,17 @@ class Decoder(nn.Module):
         self.asr_res = nn.ModuleList([nn.Conv1d(h, 64, 1)])
         self.generator = Generator(c)
 
-    def forward(self, asr: Tensor, f0: Tensor, n: Tensor, s: Tensor) -> Tensor:
-        f0_down = self.F0_conv(f0[:, None])
-        n_down = self.N_conv(n[:, None])
-        x = self.encode(torch.cat([asr, f0_down, n_down], dim=1), s)
-        residual = self.asr_res[0](asr)
+    def forward(self, asr: Tensor, f0: Tensor, n: Tensor, s: Tensor, frames: Tensor | None = None) -> list[Tensor]:
+        """``asr`` (batch, hidden, frames), ``f0``/``n`` at twice the frame rate; ``frames``:
+        each item's real frames when the batch is padded. Audio per item."""
+        mask = None if frames is None else _length_mask(frames, asr.shape[2])
+        f0_down = _masked(self.F0_conv(f0[:, None]), mask)
+        n_down = _masked(self.N_conv(n[:, None]), mask)
+        x = self.encode(torch.cat([asr, f0_down, n_down], dim=1), s, mask)
+        residual = _masked(self.asr_res[0](asr), mask)
         for block in self.decode:  # every block, the upsampling last one included, sees the residuals
-            x = block(torch.cat([x, residual, f0_down, n_down], dim=1), s)
-        return self.generator(x, s, f0)
+            x = block(torch.cat([x, residual, f0_down, n_down], dim=1), s, mask)
+        return self.generator(x, s, f0, None if frames is None else frames * 2)
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -439,19 +491,49 @@ class KokoroNet(nn.Module):
 
     def forward(self, tokens: Tensor, style: Tensor, speed: float = 1.0, pitch: float = 1.0) -> Output:
         """One utterance: ``tokens`` (1, n) with the pad token at both ends, ``style`` (1, 256)."""
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        s_prosody, s_timbre = style[:, self.config.style:], style[:, :self.config.style]
-        d_en = self.bert_encoder(self.bert(tokens, mask))
-        d = self.predictor.text_encoder(d_en, s_prosody, mask, None)
-        frames = self.predictor.durations(d, None) / speed
-        durations = torch.round(frames).clamp(min=1).long()[0]
-        alignment = torch.repeat_interleave(torch.eye(tokens.shape[1], device=tokens.device), durations, dim=1)
-        en = d.transpose(1, 2) @ alignment[None]
-        f0, n = self.predictor.f0_energy(en, s_prosody)
-        f0 = f0 * pitch
-        asr = self.text_encoder(tokens, mask, None) @ alignment[None]
-        audio = self.decoder(asr, f0, n, s_timbre)
-        return Output(audio[0], durations)
+        (out,) = self.batch([tokens[0]], style, torch.tensor([speed]), torch.tensor([pitch]))
+        return out
+
+    def batch(self, tokens: list[Tensor], style: Tensor, speed: Tensor, pitch: Tensor,
+              durations: list[Tensor] | None = None) -> list[Output]:
+        """Several utterances at once, each as it would come out alone.
+
+        ``tokens``: one (n_b,) tensor per item, pad token at both ends; ``style`` (batch, 256);
+        ``speed`` and ``pitch`` (batch,). Items are padded to the longest; attention, LSTMs and
+        every instance norm leave the padding out, convolutions see zeros past each item's end,
+        and the source and the STFTs run per item. ``durations`` (frames per token, one tensor per
+        item) replaces the predicted ones, holding the timing fixed.
+        """
+        c = self.config
+        device = style.device
+        lengths = torch.tensor([len(t) for t in tokens], device=device)
+        ids = nn.utils.rnn.pad_sequence([t.to(device) for t in tokens], batch_first=True)
+        mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
+        one = bool((lengths == ids.shape[1]).all())
+        token_lengths = None if one else lengths
+        s_prosody, s_timbre = style[:, c.style:], style[:, :c.style]
+        d_en = self.bert_encoder(self.bert(ids, mask))
+        d = self.predictor.text_encoder(d_en, s_prosody, mask, token_lengths)
+        if durations is None:
+            predicted = self.predictor.durations(d, token_lengths) / speed.to(device)[:, None]
+            per_token = torch.round(predicted).clamp(min=1).long() * mask
+        else:
+            per_token = nn.utils.rnn.pad_sequence([t.to(device).long() for t in durations], batch_first=True)
+        frames = per_token.sum(dim=1)
+        n_frames = int(frames.max())
+        # alignment (batch, tokens, frames): frame f of item b belongs to the token whose span holds it
+        ends = per_token.cumsum(dim=1)
+        steps = torch.arange(n_frames, device=device)
+        owner = (steps[None, None, :] >= ends[:, :, None]).sum(dim=1)  # (batch, frames)
+        alignment = F.one_hot(owner.clamp(max=ids.shape[1] - 1), ids.shape[1]).transpose(1, 2).to(d.dtype)
+        alignment = alignment * (steps[None, :] < frames[:, None]).to(d.dtype)[:, None, :]
+        en = d.transpose(1, 2) @ alignment
+        frame_lengths = None if bool((frames == n_frames).all()) else frames  # masks only where padded
+        f0, n = self.predictor.f0_energy(en, s_prosody, frame_lengths)
+        f0 = f0 * pitch.to(device)[:, None]
+        asr = self.text_encoder(ids, mask, token_lengths) @ alignment
+        audio = self.decoder(asr, f0, n, s_timbre, frame_lengths)
+        return [Output(a, per_token[b, : int(lengths[b])]) for b, a in enumerate(audio)]
 
 
 __all__ = ["KokoroConfig", "KokoroNet", "Output", "SAMPLE_RATE"]
