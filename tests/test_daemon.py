@@ -217,14 +217,32 @@ def test_file_names_as_users_write_them(
 
 def test_torch_backend_serves_a_dropped_voice(tmp_path: Path, clips: dict[str, Path]) -> None:
     """``[engine] options = { backend = "torch" }``: the same daemon, the model in torch."""
-    settings = {"engine": {"options": {"backend": "torch"}, "refine_budget_s": 0}}
+    settings = {"engine": {"options": {"backend": "torch", "batch": 4}, "refine_budget_s": 0},
+                "server": {"synthesis_threads": 4}}
+    texts = ("Hi.", "The torch model speaks too.", "A much longer sentence, with a pause, to take more time.",
+             "Four at once.")
     with DaemonProcess(tmp_path, settings).start() as daemon:
         shutil.copyfile(clips["june_a"], daemon.voices / "june.wav")
         daemon.wait_ready("june")
         with daemon.client() as client:
             reply = client.synthesize("The torch model speaks too.", voice="june")
             chunks = list(client.stream("One sentence. And another one.", voice="june"))
+            alone = {t: client.synthesize(t, voice="june").header["duration_s"] for t in texts}
+        together: dict[str, float] = {}
+
+        def ask(text: str) -> None:  # four requests side by side: their sentences share model calls
+            with daemon.client() as own:
+                together[text] = own.synthesize(text, voice="june").header["duration_s"]
+
+        askers = [threading.Thread(target=ask, args=(t,)) for t in texts]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(600)
         log = daemon.log_tail(200_000)
+    # each reply is its own text's speech: as long as when asked alone (a token may round the other way)
+    assert set(together) == set(texts)
+    assert all(abs(together[t] - alone[t]) <= 0.1 for t in texts), (together, alone)
     audio, rate = decode(reply.audio)
     assert rate == 24000 and np.isfinite(audio).all() and np.abs(audio).max() > 0.05
     assert 1.0 < len(audio) / rate < 4.0

@@ -123,6 +123,9 @@ class ServerConfig:
     """Deepest JSON nesting accepted in a request."""
     queue_size: int = 32
     """Synthesis requests waiting beyond this are answered `busy`."""
+    synthesis_threads: int = 1
+    """Synthesis requests run side by side; an engine that batches (kokoro on torch) then runs
+    their sentences as one model call."""
     stop_timeout_s: float = 10.0
     """On SIGTERM, requests in flight get this long to finish."""
     curve_secret_key: str = ""
@@ -354,7 +357,7 @@ def _check_values(obj: Any, section: str, where: str) -> None:
         twice = sorted({e for e in obj.endpoints if obj.endpoints.count(e) > 1})
         if twice:
             raise ConfigError(f"{where}: [server] endpoints: {twice[0]!r} is listed twice")
-        for name in ("max_message_bytes", "max_text_chars", "max_json_depth", "queue_size"):
+        for name in ("max_message_bytes", "max_text_chars", "max_json_depth", "queue_size", "synthesis_threads"):
             if getattr(obj, name) <= 0:
                 raise ConfigError(f"{where}: [server] {name}: must be positive")
     if section == "cache" and obj.size_limit_mb < 0:

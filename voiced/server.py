@@ -1,4 +1,7 @@
-"""The ZeroMQ server: one ROUTER socket, two threads that take turns at it (leader/follower).
+"""The ZeroMQ server: one ROUTER socket, threads that take turns at it (leader/follower).
+
+There are ``[server] synthesis_threads`` + 1 threads: one leads while the others synthesize (one
+by default; with more, requests run side by side and a batching engine merges their sentences).
 
 At any moment one thread is the *leader*: it waits on the ROUTER (bound to every endpoint),
 parses every request, answers the cheap ops itself (ping, voices, status, embed, reload) and
@@ -65,7 +68,6 @@ from voiced.protocol import (
 
 log = logging.getLogger(__name__)
 
-_THREADS = 2  # a leader and a synthesizer; they swap roles
 _BATCH = 64  # messages read per turn before the leader looks at anything else
 
 
@@ -149,7 +151,7 @@ class Server:
         # roles and work, under _state: who leads, whether a thread runs synthesis, what waits
         self._state = threading.Condition(threading.Lock())
         self._leader: threading.Thread | None = None
-        self._synthesizing = False
+        self._synthesizing = 0  # threads running a synthesis job, at most config.synthesis_threads
         self._jobs: deque[Job] = deque()
         self._waiting: list[Job] = []
         self._taken: Job | None = None  # a job the leader reserved for itself (leader-only)
@@ -180,7 +182,9 @@ class Server:
         log.info("listening on %s", ", ".join(self.endpoints))
         # the socket was made on this thread; Thread.start() is the memory barrier libzmq asks for
         self._threads = [
-            threading.Thread(target=self._run, name=f"voiced-server-{i}", daemon=True) for i in range(_THREADS)
+            # a leader and the synthesizers: they swap roles
+            threading.Thread(target=self._run, name=f"voiced-server-{i}", daemon=True)
+            for i in range(1 + self.config.synthesis_threads)
         ]
         for thread in self._threads:
             thread.start()
@@ -226,7 +230,7 @@ class Server:
 
     def queue_depth(self) -> int:
         with self._state:
-            return len(self._jobs) + int(self._synthesizing)
+            return len(self._jobs) + self._synthesizing
 
     def healthy(self, max_stall_s: float) -> bool:
         """The socket and the synthesis side both made progress within ``max_stall_s`` (systemd watchdog).
@@ -327,6 +331,11 @@ class Server:
                     self._send(reply)
             for reply in self._check_waiting():
                 self._send(reply)
+            if self._taken is None and self._jobs:
+                with self._state:  # a job queued while another was taken, and a synthesizer is free
+                    if self._jobs and self._synthesizing < self.config.synthesis_threads:
+                        self._taken = self._jobs.popleft()
+                        self._synthesizing += 1
             job, self._taken = self._taken, None
             if job is not None:
                 with self._state:
@@ -443,8 +452,8 @@ class Server:
     def _enqueue(self, job: Job) -> list[list[bytes]]:
         """Reserve the job for the leader itself when the model is idle, else queue it (or ``busy``)."""
         with self._state:
-            if not self._synthesizing and self._taken is None:
-                self._synthesizing = True
+            if self._synthesizing < self.config.synthesis_threads and self._taken is None:
+                self._synthesizing += 1
                 self._taken = job
                 return []
             if len(self._jobs) >= self.config.queue_size:
@@ -496,7 +505,7 @@ class Server:
                     self._jobs.clear()
                 job = self._jobs.popleft() if self._jobs else None
                 if job is None:
-                    self._synthesizing = False
+                    self._synthesizing -= 1
 
     def _synthesize(self, job: Job) -> None:
         request = job.request

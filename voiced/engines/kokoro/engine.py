@@ -23,7 +23,7 @@ from voiced.engines.base import (
     whole_number,
 )
 from voiced.engines.kokoro import phonemes, post, text, weights
-from voiced.engines.kokoro.backends import BACKENDS, Backend, load_backend
+from voiced.engines.kokoro.backends import BACKENDS, Backend, TorchBackend, load_backend
 from voiced.engines.kokoro.fitting import FIT_VERSION
 from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
 
@@ -98,15 +98,16 @@ class KokoroEngine(Engine):
         encoder: Any = None,
         default_voice: str = DEFAULT_VOICE,
         backend: str = "onnx",
-        batch: int = 8,
+        batch: int = 0,
     ) -> None:
         """``cache_dir`` receives the joined model; ``encoder`` is a SpeakerEncoder (for cloning).
 
         ``max_chars``, ``threads`` (0 or None: the runtime's default), ``default_voice`` and
         ``backend`` ("onnx": the int8 graph in onnxruntime; "torch": the float32 network with the
         same weights, see torchnet.py) and ``batch`` (torch: the most sentences that calls made at
-        the same time share in one padded model call; 1 runs each alone) are the ``[engine]
-        options`` of the daemon's config; a bad value raises ParamError naming it.
+        the same time share in one padded model call; 1 runs each alone; 0, the default, means 8
+        on a GPU and 1 on a CPU, where a padded batch is slower than its items one by one) are
+        the ``[engine] options`` of the daemon's config; a bad value raises ParamError naming it.
         """
         self.cache_dir = Path(cache_dir)
         self.max_chars = whole_number("max_chars", max_chars, 1)
@@ -117,7 +118,7 @@ class KokoroEngine(Engine):
         if backend not in BACKENDS:
             raise ParamError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend_name = backend
-        self.batch = whole_number("batch", batch, 1, MAX_BATCH)
+        self.batch = whole_number("batch", batch, 0, MAX_BATCH)
         self._encoder = encoder
         self._files = weights.locate()
         self.vocab = weights.load_vocab(self._files)
@@ -143,6 +144,8 @@ class KokoroEngine(Engine):
         path = weights.assemble_model(self.cache_dir, self._files)
         t0 = time.perf_counter()
         self.backend = load_backend(self.backend_name, path, self._files.sha256, device, self.threads, self.batch)
+        if self.batch == 0 and isinstance(self.backend, TorchBackend):  # see __init__: GPUs gain, CPUs lose
+            self.backend.batcher.max_batch = 8 if self.backend.torch_device.type == "cuda" else 1
         self.device = self.backend.device
         self.pitch_control = self.backend.pitch_control
         audio = np.concatenate(list(self.synthesize(_WARMUP_TEXT, self.default_conditioning(), {})))
