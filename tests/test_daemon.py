@@ -223,7 +223,8 @@ def test_torch_backend_serves_a_dropped_voice(tmp_path: Path, clips: dict[str, P
              "Four at once.")
     with DaemonProcess(tmp_path, settings).start() as daemon:
         shutil.copyfile(clips["june_a"], daemon.voices / "june.wav")
-        daemon.wait_ready("june")
+        # the last stage: a voice that moves on between the two measures below would speak differently
+        daemon.wait_voice("june", lambda v: v is not None and v["state"] == "ready" and v["stage"] == "refined")
         with daemon.client() as client:
             reply = client.synthesize("The torch model speaks too.", voice="june")
             chunks = list(client.stream("One sentence. And another one.", voice="june"))
