@@ -206,24 +206,14 @@ class Batcher(Generic[T, R]):
 
 
 def torch_device(device: str) -> Any:
-    import torch
+    """The torch device for ``[engine] device``, resolved as the speaker encoder's is."""
+    from voiced.encoder import resolve_device
+    from voiced.errors import ConfigError
 
-    dev = (device or "auto").strip().lower()
-    if dev == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cpu":
-        return torch.device("cpu")
-    if dev == "cuda" or dev.startswith("cuda:"):
-        try:
-            resolved = torch.device(dev)
-        except RuntimeError as exc:
-            raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto") from exc
-        if not torch.cuda.is_available():
-            raise EngineError(f"device {device!r} requested but torch sees no CUDA device")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise EngineError(f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
-        return resolved
-    raise EngineError(f"bad device {device!r}: expected cpu, cuda, cuda:N or auto")
+    try:
+        return resolve_device(device or "auto")
+    except ConfigError as exc:
+        raise EngineError(str(exc)) from None
 
 
 class TorchBackend:
