@@ -4,8 +4,8 @@
 
 A real daemon (Kokoro on this machine's device, real watched folder, real cache) is started on an
 empty folder; then --files distinct recordings (2-4 s cut from the test speakers, each at its own
-gain) are renamed into it at once. Once a second the bench asks for `voices` and `status`
-(timing `status`, the daemon's health answer) and samples the daemon's RSS. It prints, over time,
+gain) are renamed into it at once. Once a second the bench asks for `voices` and samples the
+daemon's RSS; a second client asks for `status` --status-hz times a second. It prints, over time,
 how many voices are usable (ready at any stage) and at each stage, then: the time until every
 voice was usable, until every voice reached quick (and refined, with --until refined), status
 latency p50/p99/max during the drop, and RSS at the start, peak and end.
@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", choices=STAGES, default="quick", help="the stage every voice must reach")
     parser.add_argument("--limit-s", type=float, default=3600.0, help="give up after this long")
     parser.add_argument("--refine-budget-s", type=float, default=60.0)
+    parser.add_argument("--status-hz", type=float, default=5.0, help="how often a second client asks for status")
     args = parser.parse_args(argv)
     print(describe(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="voiced-bench-drop-"))
@@ -71,17 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     status_ms: list[float] = []
     reached: dict[str, float] = {}
     goal = STAGES.index(args.until)
+    slow: list[tuple[float, float]] = []  # (seconds into the drop, ms) of answers over 50 ms
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def ask_status() -> None:  # its own client and thread: the voices listing never delays it
+        with Client(daemon.tcp, timeout_s=120) as asker:
+            while not stop.wait(1.0 / args.status_hz):
+                t0 = time.perf_counter()
+                asker.status()
+                ms = (time.perf_counter() - t0) * 1000
+                status_ms.append(ms)
+                if ms > 50:
+                    slow.append((time.monotonic() - started, ms))
+
+    asker = threading.Thread(target=ask_status, daemon=True)
     try:
         with Client(daemon.tcp, timeout_s=120) as client:
             started = time.monotonic()
+            asker.start()
             for clip in clips:  # renamed in: each is complete at once
                 os.rename(clip, daemon.voices / clip.name)
             print(f"{args.files} files dropped in {time.monotonic() - started:.1f} s", flush=True)
             last_print = 0.0
             while time.monotonic() - started < args.limit_s:
-                t0 = time.perf_counter()
-                client.status()
-                status_ms.append((time.perf_counter() - t0) * 1000)
                 voices = client.voices()
                 rss.append(process.memory_info().rss)
                 now = time.monotonic() - started
@@ -98,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                     last_print = now
                     print(f"{now:7.0f} s: {len(voices)} seen, {len(ready)} usable, {failed} failed; "
                           + ", ".join(f"{at[s]} at {s}+" for s in STAGES)
-                          + f"; status {status_ms[-1]:.1f} ms; RSS {rss[-1] / 2**20:.0f} MiB", flush=True)
+                          + f"; status {status_ms[-1] if status_ms else float('nan'):.1f} ms; RSS {rss[-1] / 2**20:.0f} MiB",
+                          flush=True)
                 if args.until in reached:
                     break
                 time.sleep(1.0)
     finally:
+        stop.set()
+        asker.join(timeout=30)
         daemon.stop()
     print(f"\n{args.files} files, until {args.until} (refine budget {args.refine_budget_s:g} s):")
     for key in ("usable", *STAGES[:goal + 1]):
@@ -110,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  every voice {key:<8} after {'not within the limit' if value is None else f'{value:.0f} s'}")
     lat = np.asarray(status_ms)
     print(f"  status latency during the drop: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms, "
-          f"max {lat.max():.1f} ms (n={len(lat)})")
+          f"max {lat.max():.1f} ms (n={len(lat)}, {args.status_hz:g} a second)")
+    if slow:
+        print("  answers over 50 ms, at (s into the drop, ms): " + ", ".join(f"({t:.0f}, {ms:.0f})" for t, ms in slow[:20]))
     print(f"  daemon RSS: {rss[0] / 2**20:.0f} MiB before the drop, peak {max(rss) / 2**20:.0f}, "
           f"end {rss[-1] / 2**20:.0f}")
     return 0

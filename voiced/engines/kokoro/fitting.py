@@ -228,6 +228,7 @@ class StyleFitter:
         cache = Path(cache_dir or engine.cache_dir)
         t0 = time.perf_counter()
         self.base_audio: list[list[np.ndarray]] = []  # per base voice, per calibration text (24 kHz)
+        self._bands: np.ndarray | None = None  # their long-term spectra, made on first use
         self.base_embs = self._base_embeddings(cache)  # (V, n_texts, 256), unit rows
         log.info("kokoro fitter ready in %.1fs (%d base voices x %d calibration texts)",
                  time.perf_counter() - t0, len(self.names), len(self.tokens))
@@ -314,6 +315,12 @@ class StyleFitter:
             arrays["eq"] = np.asarray(eq, np.float32)
         return Conditioning(arrays, {"engine": "kokoro", "stage": stage, "fit": FIT_VERSION, **meta})
 
+    def _base_bands(self) -> np.ndarray:
+        """(V, N_BANDS) long-term spectrum of each base voice's calibration speech."""
+        if self._bands is None:
+            self._bands = np.stack([post.band_powers(np.concatenate(audio), post.SAMPLE_RATE) for audio in self.base_audio])
+        return self._bands
+
     def stock_similarities(self, target: np.ndarray) -> dict[str, float]:
         """Cosine of each base voice's calibration speech to ``target`` (precomputed, instant)."""
         sims = np.einsum("vtd,d->vt", self.base_embs, _unit(target)).mean(axis=1)
@@ -341,12 +348,20 @@ class StyleFitter:
             similarity=round(sims[best], 4), stock_best=best, stock_similarity=round(sims[best], 4),
         )
 
-    def quick(self, target: np.ndarray, reference: np.ndarray | None = None) -> Conditioning:
-        """Best blend of the base voices with an EQ matched to ``reference`` (one real synthesis)."""
-        t = _unit(target)
+    def quick(self, target: np.ndarray, reference: np.ndarray | None = None, *, check: bool = True) -> Conditioning:
+        """Best blend of the base voices with an EQ matched to ``reference``.
+
+        ``check``: speak the blend once (the calibration sentence) to measure it, keep the best
+        single base voice instead where the blend does worse, and match the EQ to the blend's own
+        speech. Without it (about 15x cheaper, for a large drop) the blend and its EQ are as the
+        base voices' embeddings and spectra predict, and the meta says ``checked: False``;
+        ``refine`` checks such a start before it builds on it.
+        """
+        return self._quick(_unit(target), self.reference_bands(reference), check)
+
+    def _quick(self, t: np.ndarray, ref_bands: np.ndarray | None, check: bool) -> Conditioning:
         stock = self.stock_similarities(t)
         best_name = max(stock, key=stock.get)
-        ref_bands = self.reference_bands(reference)
         if ref_bands is None:
             embs, gains = self.base_embs.mean(axis=1), [None] * len(self.names)
         else:  # each base voice EQ-matched to the reference, from its cached calibration audio
@@ -355,6 +370,17 @@ class StyleFitter:
         single = _unit_rows(embs) @ t
         w = blend_weights(t, _unit_rows(embs))
         pack = np.tensordot(w, self.packs, axes=1)
+        meta: dict[str, Any] = {}
+        if ref_bands is not None:
+            meta["reference_bands_db"] = [round(float(x), 3) for x in 10 * np.log10(ref_bands)]
+        if not check:
+            eq = None if ref_bands is None else post.match_gains(ref_bands, w @ self._base_bands())
+            predicted = float(_unit(w @ _unit_rows(embs)) @ t)
+            return self._conditioning(
+                pack, "quick", 1.0, eq, weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
+                predicted_similarity=round(predicted, 4), checked=False, stock_best=best_name,
+                stock_similarity=round(stock[best_name], 4), **meta,
+            )
         emb, eq = self._evaluate(pack, 1.0, ref_bands)
         sim = float(emb @ t)
         # the surrogate can be wrong; never do worse than the best single (matched or stock) voice
@@ -364,9 +390,6 @@ class StyleFitter:
         if stock[best_name] > sim:
             k = self.names.index(best_name)
             w, pack, sim, eq = np.eye(len(self.names))[k], self.packs[k], stock[best_name], None
-        meta: dict[str, Any] = {}
-        if ref_bands is not None:
-            meta["reference_bands_db"] = [round(float(x), 3) for x in 10 * np.log10(ref_bands)]
         return self._conditioning(
             pack, "quick", 1.0, eq, weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
             similarity=round(sim, 4), stock_best=best_name, stock_similarity=round(stock[best_name], 4), **meta,
@@ -416,6 +439,10 @@ class StyleFitter:
         budget = max(0.0, DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s))
         if previous is None or "weights" not in previous.meta:
             previous = self.quick(t, reference)
+        elif previous.meta.get("checked") is False and not clock.stop():
+            # an unchecked quick voice is a prediction: the search starts from the measured one,
+            # so a refined voice is the same whichever way its quick stage was made
+            previous = self._quick(t, self.reference_bands(reference, previous), check=True)
         ref_bands = self.reference_bands(reference, previous)
         tune = ref_bands is not None and self.tuner() is not None
         evals, eq_steps = work_for_budget(budget, tune)
