@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Client(daemon.tcp, timeout_s=120) as client:
             started = time.monotonic()
-            asker.start()
             for clip in clips:  # renamed in: each is complete at once
                 os.rename(clip, daemon.voices / clip.name)
+            # after the renames, which take this process's interpreter for a few tens of ms: the
+            # asker measures the daemon, not this loop (the daemon sees the events from now on)
+            asker.start()
             print(f"{args.files} files dropped in {time.monotonic() - started:.1f} s", flush=True)
             last_print = 0.0
             while time.monotonic() - started < args.limit_s:

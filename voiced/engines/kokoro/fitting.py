@@ -230,6 +230,10 @@ class StyleFitter:
         self.base_audio: list[list[np.ndarray]] = []  # per base voice, per calibration text (24 kHz)
         self._bands: np.ndarray | None = None  # their long-term spectra, made on first use
         self.base_embs = self._base_embeddings(cache)  # (V, n_texts, 256), unit rows
+        # Now, not at the first voice: the quick stage's first use would import scipy.signal
+        # (0.7 s, mostly holding the interpreter) while the daemon answers requests.
+        self._base_bands()
+        post.apply_eq(np.zeros(post.FIR_TAPS, np.float32), np.ones(post.N_BANDS))
         log.info("kokoro fitter ready in %.1fs (%d base voices x %d calibration texts)",
                  time.perf_counter() - t0, len(self.names), len(self.tokens))
 
