@@ -32,10 +32,11 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-from voiced.cache import Cache, sha256_file
+from voiced.cache import Cache
 from voiced.config import VoicesConfig
 from voiced.embedding import embedding_kind
 from voiced.encoder import SpeakerEncoder
+from voiced.fsutil import sha256_file
 from voiced.library import Library
 from voiced.watcher import FolderWatcher
 

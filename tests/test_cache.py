@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voiced.cache as cache_mod
-from voiced.cache import Cache, CacheStats, FileRecord, sha256_file
+from voiced.cache import Cache, CacheStats, FileRecord
 from voiced.errors import CacheError
+from voiced.fsutil import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCERS = ("ge2e-resemblyzer@1-abcdef", "kokoro@0.9-123456")

@@ -28,8 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from voiced import cli
-from voiced.cache import Cache, sha256_file
+from voiced.cache import Cache
 from voiced.client import Client, ClientTimeout, RequestError, Unreachable
+from voiced.fsutil import sha256_file
 from voiced.protocol import ERROR_CODES
 from voiced.testing import DaemonProcess, free_port
 

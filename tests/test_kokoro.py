@@ -10,13 +10,13 @@ import numpy as np
 import psutil
 import pytest
 
-from voiced.cache import sha256_file
 from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
 from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, text, torchweights, weights
 from voiced.engines.kokoro import engine as kokoro_engine
 from voiced.engines.kokoro.backends import BACKENDS
 from voiced.engines.kokoro.engine import split_phonemes
 from voiced.engines.kokoro.fitting import CMAES, blend_weights, resample_24k_to_16k
+from voiced.fsutil import sha256_file
 
 
 @pytest.fixture(scope="module")

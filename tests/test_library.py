@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voiced.cache import Cache, sha256_file
+from voiced.cache import Cache
 from voiced.config import VoicesConfig
+from voiced.fsutil import sha256_file
 from voiced.library import Library
 from voiced.watcher import FolderWatcher
 

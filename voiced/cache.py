@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from voiced.errors import CacheError
-from voiced.fsutil import fsync_dir
+from voiced.fsutil import fsync_dir, read_npz, sha256_file
 
 __all__ = ["Cache", "CacheStats", "FileRecord", "sha256_file", "SCHEMA_VERSION"]
 
@@ -154,17 +154,6 @@ class CacheStats:
     size_limit_bytes: int | None
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file's bytes, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    buf = bytearray(chunk_size)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def _set_wal(conn: sqlite3.Connection) -> None:
     """Switch to WAL, retrying while another process does the same on a new index.
 
@@ -211,19 +200,6 @@ def _serialize(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **clean)
     return buf.getvalue()
-
-
-# numpy parses every array header with ast.literal_eval, and CPython 3.11's AST constructor is not
-# safe across threads: two reads at once can fail with "SystemError: AST constructor recursion
-# depth mismatch" (seen with four threads sharing a cache). Every npz read in the process takes
-# this lock; the reads are copies from memory or page cache, so it costs nothing measurable.
-_NPZ_READ_LOCK = threading.Lock()
-
-
-def read_npz(source: str | os.PathLike[str] | io.BytesIO) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file (a path or an in-memory file), never unpickling; thread-safe."""
-    with _NPZ_READ_LOCK, np.load(source, allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
 
 
 def _deserialize(data: bytes) -> dict[str, np.ndarray]:

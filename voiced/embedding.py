@@ -10,9 +10,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from voiced.audio import LoadedAudio, load_audio
-from voiced.cache import Cache, sha256_file
+from voiced.cache import Cache
 from voiced.config import Config
 from voiced.errors import AudioError, CacheError
+from voiced.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
 

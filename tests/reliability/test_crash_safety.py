@@ -19,7 +19,7 @@ import pytest
 
 from cachecheck import cache_problems
 
-from voiced.cache import sha256_file
+from voiced.fsutil import sha256_file
 from voiced.testing import DaemonProcess
 
 SEED = int(os.environ.get("VOICED_CRASH_SEED", "20261125"))

@@ -28,8 +28,9 @@ import numpy as np
 import pytest
 from cachecheck import cache_problems
 
-from voiced.cache import INDEX_NAME, OBJECTS_DIR, sha256_file
+from voiced.cache import INDEX_NAME, OBJECTS_DIR
 from voiced.client import RequestError
+from voiced.fsutil import sha256_file
 from voiced.protocol import ERROR_CODES
 from voiced.testing import DaemonProcess
 

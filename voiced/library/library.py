@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import numpy as np
 
 from voiced.audio import load_audio, voiced_fraction
-from voiced.cache import Cache, FileRecord, sha256_file
+from voiced.cache import Cache, FileRecord
 from voiced.config import VoicesConfig
 from voiced.embedding import audio_meta, embedding_kind
 from voiced.engines.base import Conditioning, Engine
 from voiced.errors import AudioError, CacheError
+from voiced.fsutil import sha256_file
 from voiced.library.voice import Voice, VoiceState, is_candidate, normalize_name, undecodable, voice_name
 
 log = logging.getLogger(__name__)

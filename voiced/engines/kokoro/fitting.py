@@ -45,10 +45,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from voiced.cache import read_npz
 from voiced.engines.base import Conditioning, EngineError
 from voiced.engines.kokoro import eqtune, post
 from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
+from voiced.fsutil import atomic_writer, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +302,8 @@ class StyleFitter:
         embs = np.stack([[self.embed_audio(a) for a in voice] for voice in self.base_audio])
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_writer(path) as f:
                 np.savez(f, embs=embs, **{f"audio_{v}_{i}": a for v, voice in enumerate(self.base_audio) for i, a in enumerate(voice)})
-            os.replace(tmp, path)
         except OSError as exc:  # a read-only cache only costs time at the next start
             log.warning("cannot cache Kokoro calibration embeddings: %s", exc)
         return embs

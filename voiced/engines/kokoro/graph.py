@@ -21,9 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from voiced.cache import sha256_file
 from voiced.engines.base import EngineError
-from voiced.fsutil import atomic_write, fsync_dir
+from voiced.fsutil import digest_matches, write_with_digest
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,8 @@ def pitched_model(path: Path) -> Path | None:
     mid-write or a damaged file means a rebuild, never a broken session.
     """
     out = path.with_name(f"{path.stem}-{EDIT_VERSION}.onnx")
-    digest = out.with_name(out.name + ".sha256")
-    try:
-        if out.is_file() and digest.read_text(encoding="ascii").strip() == sha256_file(out):
-            return out
-    except OSError:
-        pass
+    if digest_matches(out):
+        return out
     # A full cache disk would fail the edit only after the child has parsed the whole model,
     # at every start: say so at once instead.
     need = path.stat().st_size + _SPARE_BYTES
@@ -67,8 +62,6 @@ def pitched_model(path: Path) -> Path | None:
 
 def edit(src: Path, dst: Path) -> bool:
     """Write ``src`` with the pitch input to ``dst`` (atomically, then its digest); False if no F0."""
-    import hashlib
-
     import onnx
     from onnx import TensorProto, helper
 
@@ -87,9 +80,7 @@ def edit(src: Path, dst: Path) -> bool:
     graph.node.insert(producer + 1, helper.make_node("Mul", [F0_TENSOR, PITCH_INPUT], [scaled], name="voiced_pitch"))
     graph.input.append(helper.make_tensor_value_info(PITCH_INPUT, TensorProto.FLOAT, [1]))
     data = model.SerializeToString()
-    atomic_write(dst, data)
-    atomic_write(dst.with_name(dst.name + ".sha256"), hashlib.sha256(data).hexdigest().encode("ascii"))
-    fsync_dir(dst.parent)
+    write_with_digest(dst, data)
     return True
 
 

