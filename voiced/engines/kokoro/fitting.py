@@ -228,11 +228,11 @@ class StyleFitter:
         cache = Path(cache_dir or engine.cache_dir)
         t0 = time.perf_counter()
         self.base_audio: list[list[np.ndarray]] = []  # per base voice, per calibration text (24 kHz)
-        self._bands: np.ndarray | None = None  # their long-term spectra, made on first use
         self.base_embs = self._base_embeddings(cache)  # (V, n_texts, 256), unit rows
-        # Now, not at the first voice: the quick stage's first use would import scipy.signal
+        # their long-term spectra, for the unchecked quick stage's EQ
+        self.base_bands = np.stack([post.band_powers(np.concatenate(a), post.SAMPLE_RATE) for a in self.base_audio])
+        # Now, not at the first voice: the quick stage's first EQ would import scipy.signal
         # (0.7 s, mostly holding the interpreter) while the daemon answers requests.
-        self._base_bands()
         post.apply_eq(np.zeros(post.FIR_TAPS, np.float32), np.ones(post.N_BANDS))
         log.info("kokoro fitter ready in %.1fs (%d base voices x %d calibration texts)",
                  time.perf_counter() - t0, len(self.names), len(self.tokens))
@@ -263,11 +263,15 @@ class StyleFitter:
     def _speak(self, pack: np.ndarray, text_index: int, warp: float = 1.0, pitch: float = 1.0) -> np.ndarray:
         return self.engine.render(self.tokens[text_index], pack.astype(np.float32), 1.0, Voicing(warp, pitch))
 
-    def _embed_matched(self, audio: list[np.ndarray], ref_bands: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(mean unit embedding, eq gains) of calibration audio, EQ-matched to ``ref_bands`` if given."""
+    def _embed_matched(self, audio: list[np.ndarray], ref_bands: np.ndarray | None,
+                       bands: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(mean unit embedding, eq gains) of calibration audio, EQ-matched to ``ref_bands`` if given
+        (``bands``: the audio's own long-term spectrum, where it is known already)."""
         gains = None
         if ref_bands is not None:
-            gains = post.match_gains(ref_bands, post.band_powers(np.concatenate(audio), post.SAMPLE_RATE))
+            if bands is None:
+                bands = post.band_powers(np.concatenate(audio), post.SAMPLE_RATE)
+            gains = post.match_gains(ref_bands, bands)
             audio = [post.apply_eq(a, gains) for a in audio]
         return np.mean([self.embed_audio(a) for a in audio], axis=0), gains
 
@@ -317,12 +321,6 @@ class StyleFitter:
             arrays["eq"] = np.asarray(eq, np.float32)
         return Conditioning(arrays, {"engine": "kokoro", "stage": stage, "fit": FIT_VERSION, **meta})
 
-    def _base_bands(self) -> np.ndarray:
-        """(V, N_BANDS) long-term spectrum of each base voice's calibration speech."""
-        if self._bands is None:
-            self._bands = np.stack([post.band_powers(np.concatenate(audio), post.SAMPLE_RATE) for audio in self.base_audio])
-        return self._bands
-
     def stock_similarities(self, target: np.ndarray) -> dict[str, float]:
         """Cosine of each base voice's calibration speech to ``target`` (precomputed, instant)."""
         sims = np.einsum("vtd,d->vt", self.base_embs, _unit(target)).mean(axis=1)
@@ -367,7 +365,7 @@ class StyleFitter:
         if ref_bands is None:
             embs, gains = self.base_embs.mean(axis=1), [None] * len(self.names)
         else:  # each base voice EQ-matched to the reference, from its cached calibration audio
-            matched = [self._embed_matched(audio, ref_bands) for audio in self.base_audio]
+            matched = [self._embed_matched(audio, ref_bands, bands) for audio, bands in zip(self.base_audio, self.base_bands)]
             embs, gains = np.stack([m[0] for m in matched]), [m[1] for m in matched]
         single = _unit_rows(embs) @ t
         w = blend_weights(t, _unit_rows(embs))
@@ -376,7 +374,7 @@ class StyleFitter:
         if ref_bands is not None:
             meta["reference_bands_db"] = [round(float(x), 3) for x in 10 * np.log10(ref_bands)]
         if not check:
-            eq = None if ref_bands is None else post.match_gains(ref_bands, w @ self._base_bands())
+            eq = None if ref_bands is None else post.match_gains(ref_bands, w @ self.base_bands)
             predicted = float(_unit(w @ _unit_rows(embs)) @ t)
             return self._conditioning(
                 pack, "quick", 1.0, eq, weights={n: round(float(x), 4) for n, x in zip(self.names, w)},
@@ -441,11 +439,11 @@ class StyleFitter:
         budget = max(0.0, DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s))
         if previous is None or "weights" not in previous.meta:
             previous = self.quick(t, reference)
-        elif previous.meta.get("checked") is False and not clock.stop():
+        ref_bands = self.reference_bands(reference, previous)
+        if previous.meta.get("checked") is False and not clock.stop():
             # an unchecked quick voice is a prediction: the search starts from the measured one,
             # so a refined voice is the same whichever way its quick stage was made
-            previous = self._quick(t, self.reference_bands(reference, previous), check=True)
-        ref_bands = self.reference_bands(reference, previous)
+            previous = self._quick(t, ref_bands, check=True)
         tune = ref_bands is not None and self.tuner() is not None
         evals, eq_steps = work_for_budget(budget, tune)
         if max_evals is not None:
