@@ -35,6 +35,7 @@ MAX_TOKENS = 510  # model context is 512 including the two pad tokens
 DEFAULT_MAX_CHARS = 100_000
 MAX_THREADS = 256  # intra-op threads; more is a typo, not a machine
 MAX_BATCH = 256
+FIT_METHODS = {"search": "jacobian", "gradient": "gradient"}  # option value -> StyleFitter.refine method
 DEFAULT_VOICE = "jf_alpha"
 # Bump the suffix whenever the text front end or the voice post-processing changes what a cache
 # entry would hold; fitting.FIT_VERSION (also in ``version``) covers changes to the fit itself.
@@ -99,6 +100,7 @@ class KokoroEngine(Engine):
         default_voice: str = DEFAULT_VOICE,
         backend: str = "onnx",
         batch: int = 0,
+        fit: str = "search",
     ) -> None:
         """``cache_dir`` receives the joined model; ``encoder`` is a SpeakerEncoder (for cloning).
 
@@ -108,6 +110,9 @@ class KokoroEngine(Engine):
         the same time share in one padded model call; 1 runs each alone; 0, the default, means 8
         on a GPU and 1 on a CPU, where a padded batch is slower than its items one by one) are
         the ``[engine] options`` of the daemon's config; a bad value raises ParamError naming it.
+        ``fit`` chooses how the refined stage is made: "search" (derivative-free, on synthesis and
+        GE2E; any backend) or "gradient" (Adam through the network on several views of the
+        speaker, see gradfit.py; torch backend only).
         """
         self.cache_dir = Path(cache_dir)
         self.max_chars = whole_number("max_chars", max_chars, 1)
@@ -119,6 +124,11 @@ class KokoroEngine(Engine):
             raise ParamError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend_name = backend
         self.batch = whole_number("batch", batch, 0, MAX_BATCH)
+        if fit not in FIT_METHODS:
+            raise ParamError(f"fit must be one of {', '.join(FIT_METHODS)}, got {fit!r}")
+        if fit == "gradient" and backend != "torch":
+            raise ParamError('fit = "gradient" needs backend = "torch"')
+        self.fit = fit
         self._encoder = encoder
         self._files = weights.locate()
         self.vocab = weights.load_vocab(self._files)
@@ -362,4 +372,4 @@ class KokoroEngine(Engine):
             # unchecked: a drop of thousands reaches it in minutes, not hours; refined checks it
             return fitter.quick(emb, ref, check=False)
         return fitter.refine(emb, budget_s=budget_s, previous=previous, should_stop=should_stop, reference=ref,
-                             progress=progress)
+                             progress=progress, method=FIT_METHODS[self.fit])

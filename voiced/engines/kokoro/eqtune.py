@@ -36,17 +36,6 @@ LEARNING_RATE = 0.5  # dB per Adam step
 L2 = 0.0005  # cosine points per mean squared dB moved from the matched EQ
 
 
-def _interp_matrix(freqs: np.ndarray) -> np.ndarray:
-    """(n_freqs, N_BANDS) weights: the same log-frequency interpolation as post.eq_filter.
-
-    np.interp is linear in the values interpolated, so interpolating each band's unit vector
-    gives that band's column.
-    """
-    x = np.log(np.maximum(freqs, 1.0))
-    centres = np.log(post.BAND_CENTRES)
-    return np.stack([np.interp(x, centres, unit) for unit in np.eye(len(centres))], axis=1)
-
-
 FIR_TAPS_16K = round(post.FIR_TAPS * 16_000 / post.SAMPLE_RATE / 2) * 2  # the same length in time
 
 
@@ -74,7 +63,7 @@ class EqTuner:
             p.requires_grad_(False)
         self._model = model
         freqs = np.linspace(0.0, ge2e.SAMPLE_RATE / 2, FIR_TAPS_16K // 2 + 1)
-        self._interp = torch.tensor(_interp_matrix(freqs), dtype=torch.float32)
+        self._interp = torch.tensor(post.eq_interpolation(freqs), dtype=torch.float32)
         self._taper = torch.tensor(np.hanning(FIR_TAPS_16K), dtype=torch.float32)
 
     @classmethod

@@ -24,6 +24,8 @@ long-term spectrum is worth more similarity than any style move they allow (alli
   bytes. Last (EQ_SHARE of the budget), the pitch of the best candidate is chosen on a few
   sentences, its EQ re-matched on more speech and tuned by gradient ascent through the encoder
   (eqtune.py); both are kept only if they raise the similarity.
+  On the torch backend, ``[engine] options = { fit = "gradient" }`` makes the refined stage
+  instead by gradient through the network, on several views of the speaker (gradfit.py).
 
 The budget buys a fixed amount of work (search evaluations, EQ tuning steps: what takes that
 long on a 2-core x86 CPU), not wall-clock time, so a file gives the same voice on every run and
@@ -225,6 +227,8 @@ class StyleFitter:
         self._tuner: Any = None
         self._tuner_checked = False
         self._basis = self._offset_basis()
+        # each style dimension's spread over every row of every base pack: the gradient fit's unit
+        self._spread = self.packs.reshape(-1, self.packs.shape[-1]).std(axis=0)
         cache = Path(cache_dir or engine.cache_dir)
         t0 = time.perf_counter()
         self.base_audio: list[list[np.ndarray]] = []  # per base voice, per calibration text (24 kHz)
@@ -427,6 +431,8 @@ class StyleFitter:
         date by Broyden updates; every evaluation yields a 256-d embedding, not just a score,
         which makes it about twice as sample-efficient as CMA-ES here.
         ``method="cmaes"``: CMA-ES on blend logits + offsets, seeded from the embedding bytes.
+        ``method="gradient"`` (torch backend only): Adam through the network, see gradfit.py;
+        ``max_evals`` then counts its steps.
         ``reference`` (16 kHz) gives the spectrum to match; without it the one the quick stage
         recorded in its meta is used. ``budget_s`` sets the work (see ``work_for_budget``);
         ``max_evals`` overrides its number of search evaluations. ``clock`` (seconds) is read
@@ -437,9 +443,13 @@ class StyleFitter:
         t0 = clock.now()
         t = _unit(target)
         budget = max(0.0, DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s))
+        if method not in ("jacobian", "cmaes", "gradient"):
+            raise EngineError(f"unknown refine method {method!r}")
         if previous is None or "weights" not in previous.meta:
             previous = self.quick(t, reference)
         ref_bands = self.reference_bands(reference, previous)
+        if method == "gradient":
+            return self._refine_gradient(t, previous, ref_bands, reference, budget, max_evals, clock, t0)
         if previous.meta.get("checked") is False and not clock.stop():
             # an unchecked quick voice is a prediction: the search starts from the measured one,
             # so a refined voice is the same whichever way its quick stage was made
@@ -451,8 +461,6 @@ class StyleFitter:
         cap = budget * TIME_CAP_FACTOR  # one cap for the whole fit: a slow search may use the tuning's share
         clock.work_total = evals * EVAL_COST_S + (TUNE_SETUP_COST_S + eq_steps * TUNE_STEP_COST_S if tune and eq_steps > 0 else 0.0)
         state = _Budget(clock, t0, cap, evals)
-        if method not in ("jacobian", "cmaes"):
-            raise EngineError(f"unknown refine method {method!r}")
         start = self._previous_point(previous)
         start = self._search_warp(t, start, ref_bands, state)
         if method == "jacobian":
@@ -482,6 +490,58 @@ class StyleFitter:
             offsets=[round(float(x), 4) for x in offsets], similarity=round(best.sim, 4), evaluations=state.evals,
             stock_best=previous.meta.get("stock_best"), stock_similarity=previous.meta.get("stock_similarity"),
             quick_similarity=previous.meta.get("similarity"), **meta,
+        )
+
+    def _refine_gradient(self, t: np.ndarray, previous: Conditioning, ref_bands: np.ndarray | None,
+                         reference: np.ndarray | None, budget: float, max_steps: int | None, clock: _Clock,
+                         t0: float) -> Conditioning:
+        """The refine stage by gradient (gradfit.py), from ``previous`` as it is."""
+        from voiced.engines.kokoro import gradfit
+
+        net = getattr(self.engine.backend, "net", None)
+        if net is None:
+            raise EngineError("the gradient fit needs the torch backend: [engine] options = { backend = \"torch\" }")
+        if ref_bands is None:
+            raise EngineError("the gradient fit needs the reference recording")
+        steps = gradfit.steps_for_budget(budget) if max_steps is None else max(1, int(max_steps))
+        clock.work_total = steps * gradfit.STEP_COST_S
+        pitch = float(np.asarray(previous["pitch"]).reshape(-1)[0]) if "pitch" in previous else 1.0
+        fit = gradfit.GradientFit(net, self.encoder, self.tokens + self.tuning_tokens[:gradfit.TUNING_SENTENCES],
+                                  previous["style"], self._spread, t, ref_bands, reference,
+                                  previous["eq"] if "eq" in previous else None, pitch)
+        cap = budget * TIME_CAP_FACTOR
+        cut = False
+        try:
+            while fit.steps < steps and not clock.stop():
+                if clock.now() - t0 > cap:
+                    cut = True
+                    break
+                if not fit.step(clock.stop):
+                    break
+                clock.did(gradfit.STEP_COST_S)
+        finally:
+            gradfit.give_back_heap()
+        clock.finish()
+        out = fit.result()
+        meta: dict[str, Any] = {k: previous.meta[k] for k in ("reference_bands_db", "weights") if k in previous.meta}
+        sim = float("nan")
+        if not clock.stopped:  # a stopped fit is thrown away by its caller: no synthesis to measure it
+            sim = float(self._embed_matched([self.engine.render(tokens, out.pack, 1.0, Voicing(1.0, out.pitch, out.eq))
+                                             for tokens in self.tokens], None)[0] @ t)
+            meta["similarity"] = round(sim, 4)
+        if cut and not clock.stopped:
+            meta["cut"] = True
+            log.warning("kokoro refine cut short after %.0fs, %g times its %gs budget (%d of %d steps)",
+                        clock.now() - t0, TIME_CAP_FACTOR, budget, out.steps, steps)
+        log.log(logging.DEBUG if clock.stopped else logging.INFO,
+                "kokoro refine (gradient)%s: %d steps in %.1fs (%.1fs paused), similarity %.3f (pitch %.3f, band %.0f Hz)",
+                " stopped" if clock.stopped else "", out.steps, clock.now() - t0, clock.paused, sim, out.pitch,
+                fit.band_hz)
+        return self._conditioning(
+            out.pack, "refined", 1.0, out.eq, out.pitch, method="gradient", steps=out.steps, objective=out.terms,
+            band_hz=round(fit.band_hz), stock_best=previous.meta.get("stock_best"),
+            stock_similarity=previous.meta.get("stock_similarity"), quick_similarity=previous.meta.get("similarity"),
+            **meta,
         )
 
     def tuner(self) -> Any:

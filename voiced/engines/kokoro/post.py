@@ -83,6 +83,15 @@ def eq_filter(gains_db: np.ndarray, taps: int = FIR_TAPS, sr: int = SAMPLE_RATE)
     return np.roll(h, taps // 2) * np.hanning(taps)
 
 
+def eq_interpolation(freqs: np.ndarray) -> np.ndarray:
+    """(n_freqs, N_BANDS) weights: the log-frequency interpolation of eq_filter as a matrix, so
+    a differentiable fit can turn band gains into per-frequency gains (np.interp is linear in
+    the values, so each band's unit vector interpolated gives that band's column)."""
+    x = np.log(np.maximum(np.asarray(freqs, dtype=np.float64), 1.0))
+    centres = np.log(BAND_CENTRES)
+    return np.stack([np.interp(x, centres, unit) for unit in np.eye(len(centres))], axis=1)
+
+
 def apply_eq(audio: np.ndarray, gains_db: np.ndarray | None) -> np.ndarray:
     if gains_db is None or not np.any(gains_db):
         return np.asarray(audio, dtype=np.float32)
@@ -111,4 +120,4 @@ def finish(audio: np.ndarray, warp: float, gains_db: np.ndarray | None) -> np.nd
 
 
 __all__ = ["BAND_CENTRES", "LIMIT_DB", "MAX_GAIN_DB", "MIN_GAIN_DB", "N_BANDS", "PITCH_RANGE", "WARP_RANGE", "Voicing", "apply_eq", "apply_warp", "band_powers",
-           "eq_filter", "finish", "match_gains"]
+           "eq_filter", "eq_interpolation", "finish", "match_gains"]

@@ -1,0 +1,143 @@
+"""The refine stage by gradient (voiced.engines.kokoro.gradfit): real weights, the real torch network.
+
+The fit's tests count work (steps), never time, so they pass on a loaded or slow machine. Those
+that fit are slow tests: a step back-propagates through the whole network (about 17 s and 4 GB
+here), and the heap it leaves behind would hide the memory figures of the tests that follow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voiced.engines.base import EngineError, ParamError
+from voiced.engines.kokoro import KokoroEngine, gradfit, post
+
+RATE = 16_000
+
+
+def _read(testdata_dir, name: str) -> np.ndarray:
+    import soundfile as sf
+
+    wav, sr = sf.read(testdata_dir / "voices" / name, dtype="float32")
+    assert sr == RATE
+    return wav
+
+
+class TickingClock:
+    """Moves ``tick`` seconds at each reading: the fit's time follows its work, not the machine."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self.tick, self.t = tick, 0.0
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+
+def test_f0_track_finds_a_tone_and_nothing_in_silence():
+    t = np.arange(2 * RATE) / RATE
+    tone = sum(np.sin(2 * np.pi * 180.0 * k * t) / k for k in range(1, 6)).astype(np.float32)
+    f0 = gradfit.f0_track(tone)
+    assert len(f0) > 100 and np.median(f0) == pytest.approx(180.0, rel=0.01)
+    assert len(gradfit.f0_track(np.zeros(RATE, np.float32))) == 0
+    assert len(gradfit.f0_track(np.zeros(100, np.float32))) == 0
+
+
+def test_f0_track_hears_a_low_voice_through_a_telephone():
+    """A 110 Hz voice with its fundamental and second harmonic cut (a 300-3400 Hz line) is still
+    tracked at 110 Hz, not at a harmonic."""
+    from scipy.signal import butter, sosfilt
+
+    t = np.arange(3 * RATE) / RATE
+    voice = sum(np.sin(2 * np.pi * 110.0 * k * t + k) / k for k in range(1, 30))
+    line = sosfilt(butter(8, (300, 3400), btype="bandpass", fs=RATE, output="sos"), voice).astype(np.float32)
+    assert np.median(gradfit.f0_track(line)) == pytest.approx(110.0, rel=0.02)
+
+
+def test_f0_track_on_the_test_speakers(testdata_dir):
+    """Most of each reference is voiced speech with its median pitch where a speaking voice is
+    (an independent tracker, pYIN, puts the medians at 188-198 Hz)."""
+    for name in ("allison_a.wav", "carlo_a.wav", "june_a.wav"):
+        f0 = gradfit.f0_track(_read(testdata_dir, name))
+        assert len(f0) > 300, name  # of 1,197 frames, 40% of them left out as quiet
+        assert 170 <= np.median(f0) <= 220, (name, np.median(f0))
+
+
+def test_reference_bandwidth_sees_the_telephone(testdata_dir):
+    """Every test clip was recorded at 8 kHz: its channel ends under 4 kHz. Wideband speech-like
+    noise (falling 6 dB an octave) runs to the top band."""
+    import soundfile as sf
+
+    for path in sorted((testdata_dir / "voices").iterdir()):
+        wav, sr = sf.read(path, dtype="float32")
+        assert gradfit.reference_bandwidth(post.band_powers(wav, sr)) == pytest.approx(post.BAND_EDGES[-5]), path.name
+    noise = np.random.default_rng(0).standard_normal(4 * RATE)
+    pink = np.fft.irfft(np.fft.rfft(noise) / np.sqrt(np.maximum(np.fft.rfftfreq(len(noise), 1 / RATE), 100.0)))
+    assert gradfit.reference_bandwidth(post.band_powers(pink, RATE)) == gradfit.MAX_BAND_HZ
+
+
+def test_gradient_fit_needs_the_torch_backend(tmp_path):
+    with pytest.raises(ParamError, match="torch"):
+        KokoroEngine(tmp_path, fit="gradient")
+    with pytest.raises(ParamError, match="fit must be one of"):
+        KokoroEngine(tmp_path, backend="torch", fit="adam")
+
+
+@pytest.fixture(scope="module")
+def torch_engine(tmp_path_factory, speaker_encoder) -> KokoroEngine:
+    eng = KokoroEngine(tmp_path_factory.mktemp("kokoro-torch"), backend="torch", fit="gradient",
+                       encoder=speaker_encoder)
+    eng.load("cpu")
+    return eng
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gradient_refine_moves_the_voice_within_its_ranges(torch_engine, testdata_dir, speaker_encoder):
+    """One step: the style, pitch and in-band EQ move, out-of-band gains stay 0 dB (the voice stays
+    wideband), the same input gives the same voice, and the voice speaks."""
+    wav = _read(testdata_dir, "allison_a.wav")
+    emb = speaker_encoder.embed(wav)
+    quick = torch_engine.prepare_voice(wav, emb, stage="quick")
+    shares: list[float] = []
+    fitter = torch_engine.fitter()
+    a = fitter.refine(emb, previous=quick, reference=wav, method="gradient", max_evals=1, clock=TickingClock(),
+                      progress=shares.append)
+    assert a.meta["method"] == "gradient" and a.meta["steps"] == 1 and a.meta["stage"] == "refined"
+    assert set(a.meta["objective"]) == {"ge2e", "ltas", "f0", "prior"}
+    assert 3000 <= a.meta["band_hz"] <= 4300
+    assert a["style"].shape == quick["style"].shape and np.isfinite(a["style"]).all()
+    assert not np.array_equal(a["style"], quick["style"])
+    eq = np.asarray(a["eq"])
+    out_of_band = post.BAND_CENTRES > a.meta["band_hz"]
+    assert out_of_band.any() and (eq[out_of_band] == 0).all()
+    assert not np.allclose(eq[~out_of_band], np.asarray(quick["eq"])[~out_of_band])
+    assert post.MIN_GAIN_DB <= eq.min() and eq.max() <= post.MAX_GAIN_DB
+    assert post.PITCH_RANGE[0] <= torch_engine.voicing(a).pitch <= post.PITCH_RANGE[1]
+    assert shares and shares == sorted(shares) and shares[-1] == 1.0
+    assert -1.0 <= a.meta["similarity"] <= 1.0
+    b = fitter.refine(emb, previous=quick, reference=wav, method="gradient", max_evals=1, clock=TickingClock())
+    assert all(np.array_equal(a[k], b[k]) for k in a) and b.meta == a.meta
+    audio = torch_engine.synthesize_all("Good morning, how are you today?", a)
+    assert np.isfinite(audio).all() and np.sqrt(np.mean(audio ** 2)) > 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gradient_refine_told_to_stop_keeps_the_quick_voice(torch_engine, testdata_dir, speaker_encoder):
+    wav = _read(testdata_dir, "june_a.wav")
+    emb = speaker_encoder.embed(wav)
+    quick = torch_engine.prepare_voice(wav, emb, stage="quick")
+    stopped = torch_engine.prepare_voice(wav, emb, stage="refined", previous=quick, should_stop=lambda: True)
+    assert stopped.meta["method"] == "gradient" and stopped.meta["steps"] == 0
+    assert np.array_equal(stopped["style"], quick["style"]) and "cut" not in stopped.meta
+
+
+def test_gradient_refine_on_onnx_says_what_it_needs(testdata_dir, speaker_encoder, tmp_path):
+    eng = KokoroEngine(tmp_path, encoder=speaker_encoder)
+    eng.load("cpu")
+    wav = _read(testdata_dir, "carlo_a.wav")
+    emb = speaker_encoder.embed(wav)
+    with pytest.raises(EngineError, match="torch backend"):
+        eng.fitter().refine(emb, reference=wav, method="gradient", max_evals=1)

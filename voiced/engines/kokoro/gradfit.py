@@ -1,0 +1,274 @@
+"""Voice fitting by gradient through the torch network: the refine stage on the torch backend.
+
+From the quick voice, Adam moves an offset of the whole style pack (both halves, in units of
+the base styles' spread per dimension), the factor on the model's F0 curve and the EQ gains,
+with the quick voice's durations held fixed (rounding them has no gradient). The fit's speech is
+brought to 16 kHz and to the reference's bandwidth in one FFT, EQ included, before it is
+compared, so a telephone reference is matched by a voice that sounds like the speaker through a
+telephone, not by a voice that sounds like a telephone: gains above the reference's band stay
+at 0 dB and the voice stays wideband.
+
+No single speaker model is the objective (a fit to one learns that model, not the speaker):
+GE2E's cosine to the reference sits beside model-free views, the long-term spectrum's shape
+in band and the F0 distribution (mean and spread of log F0 against the reference's), and a
+penalty on leaving the base styles' region, which keeps the speech intelligible.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from voiced.engines.kokoro import post
+
+log = logging.getLogger(__name__)
+
+# One step: every fit sentence spoken, compared and back-propagated, then one Adam update.
+# What it costs on a 2-core x86 CPU (torch fp32, four sentences), to turn a budget into steps.
+STEP_COST_S = 17.0
+MAX_STEPS = 48
+TUNING_SENTENCES = 3  # fit on the calibration sentence and this many of the tuning sentences
+WEIGHTS = {"ge2e": 1.0, "ltas": 1.0, "f0": 1.0, "prior": 0.02}
+LEARNING_RATES = {"offset": 0.08, "log_pitch": 0.01, "eq": 0.4}
+MIN_BAND_HZ, MAX_BAND_HZ = 3000.0, 7600.0
+CLIFF_DB = 20.0  # a band this far under the one before it is past the reference's channel
+ROLL_OFF_DB = 6.0  # ... and the band before that, if it already lies this far under its neighbour
+F0_RANGE_HZ = (60.0, 500.0)
+GAP_S = 0.17  # silence between the fit's sentences, joined into one utterance as a reference is
+
+
+def reference_bandwidth(ref_bands: np.ndarray) -> float:
+    """Where the reference's channel ends (Hz): the lower edge of the first band that falls more
+    than CLIFF_DB under the one before (no voice drops so fast; an anti-alias filter does), or
+    of the band before it when that one is already rolling off; the top band's edge if none."""
+    db = 10 * np.log10(np.maximum(np.asarray(ref_bands, np.float64), 1e-20))
+    edge = post.BAND_EDGES[-1]
+    cliffs = np.flatnonzero(db[1:] < db[:-1] - CLIFF_DB) + 1
+    if len(cliffs):
+        k = int(cliffs[0])
+        edge = post.BAND_EDGES[k - 1] if k >= 2 and db[k - 1] < db[k - 2] - ROLL_OFF_DB else post.BAND_EDGES[k]
+    return float(np.clip(edge, MIN_BAND_HZ, MAX_BAND_HZ))
+
+
+def f0_track(audio16k: np.ndarray, frame: int = 640, hop: int = 160, threshold: float = 0.6) -> np.ndarray:
+    """F0 (Hz) of the voiced frames of 16 kHz speech, by normalised autocorrelation.
+
+    A frame is voiced when its autocorrelation peak within F0_RANGE_HZ reaches ``threshold`` of
+    its energy and it is among the louder 60% of frames. Coarse (one-lag resolution, refined by
+    a parabola), but its mean and spread of log F0 are what the fit compares.
+    """
+    x = np.asarray(audio16k, np.float64)
+    if len(x) < frame:
+        return np.zeros(0)
+    lo, hi = int(16_000 / F0_RANGE_HZ[1]), int(16_000 / F0_RANGE_HZ[0])
+    idx = np.arange(frame)[None, :] + hop * np.arange(1 + (len(x) - frame) // hop)[:, None]
+    frames = x[idx] - x[idx].mean(axis=1, keepdims=True)
+    energy = (frames ** 2).sum(axis=1)
+    spec = np.fft.rfft(frames, 2 * frame, axis=1)
+    ac = np.fft.irfft(np.abs(spec) ** 2, axis=1)[:, : hi + 2]
+    ac = ac / np.maximum(ac[:, :1], 1e-12)
+    lag = lo + np.argmax(ac[:, lo:hi + 1], axis=1)
+    peak = ac[np.arange(len(lag)), lag]
+    voiced = (peak >= threshold) & (energy >= np.percentile(energy, 40))
+    a, b, c = ac[np.arange(len(lag)), lag - 1], peak, ac[np.arange(len(lag)), lag + 1]
+    shift = 0.5 * (a - c) / np.where(np.abs(a - 2 * b + c) > 1e-12, a - 2 * b + c, 1.0)
+    return 16_000 / (lag + np.clip(shift, -0.5, 0.5))[voiced]
+
+
+def semitones(f0_hz: Any) -> Any:
+    return 12 * np.log2(f0_hz) if isinstance(f0_hz, np.ndarray) else 12 * f0_hz.log2()
+
+
+@dataclass(frozen=True)
+class GradientResult:
+    pack: np.ndarray  # (510, 256)
+    pitch: float
+    eq: np.ndarray  # (N_BANDS,) dB
+    steps: int
+    terms: dict[str, float]  # the objective's views at the last step
+
+
+class GradientFit:
+    """One voice's fit: ``step()`` until the budget is spent, then ``result()``."""
+
+    def __init__(self, net: Any, encoder: Any, tokens: Sequence[list[int]], pack: np.ndarray, spread: np.ndarray,
+                 target: np.ndarray, ref_bands: np.ndarray, reference: np.ndarray | None,
+                 eq: np.ndarray | None = None, pitch: float = 1.0) -> None:
+        import torch
+
+        from voiced import encoder as ge2e
+
+        self.torch, self.ge2e, self.net = torch, ge2e, net
+        self.device = next(net.parameters()).device
+        # the encoder's network on the fit's device, outside the encoder's lock (its own copy)
+        self.model = copy.deepcopy(encoder._model).to(self.device).float().eval().requires_grad_(False)
+        self.frontend = ge2e.MelFrontEnd(self.device)
+        self.tokens = [list(t) for t in tokens]
+        self.pack = np.asarray(pack, np.float32)
+        self.spread = torch.tensor(np.asarray(spread, np.float32), device=self.device)
+        self.target = torch.tensor(np.asarray(target, np.float32), device=self.device)
+        self.band_hz = reference_bandwidth(ref_bands)
+        in_band = post.BAND_EDGES[1:] <= self.band_hz
+        self.ltas_bands = np.flatnonzero(in_band)
+        ref_db = 10 * np.log10(np.maximum(np.asarray(ref_bands, np.float64), 1e-20))[self.ltas_bands]
+        self.ref_ltas = torch.tensor(ref_db - ref_db.mean(), dtype=torch.float32, device=self.device)
+        self.ref_f0: tuple[float, float] | None = None
+        if reference is not None:
+            st = semitones(f0_track(reference))
+            if len(st) >= 20:
+                self.ref_f0 = float(st.mean()), float(st.std())
+        eq0 = np.zeros(post.N_BANDS, np.float32) if eq is None else np.asarray(eq, np.float32).copy()
+        # what the reference cannot show stays as the model makes it: the voice stays wideband
+        self.out_of_band = torch.tensor(post.BAND_CENTRES > self.band_hz, device=self.device)
+        eq0[post.BAND_CENTRES > self.band_hz] = 0.0
+        self.offset = torch.zeros(self.pack.shape[1], device=self.device, requires_grad=True)
+        self.log_pitch = torch.tensor([float(np.log(pitch))], device=self.device, requires_grad=True)
+        self.eq = torch.tensor(eq0, device=self.device, requires_grad=True)
+        self.opt = torch.optim.Adam([{"params": [self.offset], "lr": LEARNING_RATES["offset"]},
+                                     {"params": [self.log_pitch], "lr": LEARNING_RATES["log_pitch"]},
+                                     {"params": [self.eq], "lr": LEARNING_RATES["eq"]}])
+        self.steps = 0
+        self.terms: dict[str, float] = {}
+        with torch.no_grad():  # the timing, once, from the starting voice
+            self.durations = [self._run(t, None)[2] for t in self.tokens]
+
+    # ------------------------------------------------------------------ the differentiable path
+
+    def _style(self, tokens: list[int]) -> Any:
+        row = self.torch.from_numpy(self.pack[min(len(tokens), self.pack.shape[0] - 1)]).to(self.device)
+        return (row + self.offset * self.spread)[None]
+
+    def _run(self, tokens: list[int], durations: Any) -> tuple[Any, Any, Any]:
+        """(24 kHz audio, F0 curve, durations) of one sentence: KokoroNet.batch for one item,
+        keeping the F0 curve the fit compares."""
+        torch, net = self.torch, self.net
+        c = net.config
+        ids = torch.tensor([[0, *tokens, 0]], device=self.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        style = self._style(tokens)
+        s_prosody, s_timbre = style[:, c.style:], style[:, :c.style]
+        d = net.predictor.text_encoder(net.bert_encoder(net.bert(ids, mask)), s_prosody, mask, None)
+        if durations is None:
+            durations = torch.round(net.predictor.durations(d, None)).clamp(min=1).long()[0]
+        owner = torch.repeat_interleave(torch.arange(ids.shape[1], device=self.device), durations)
+        alignment = torch.nn.functional.one_hot(owner, ids.shape[1]).T[None].to(d.dtype)
+        f0, energy = net.predictor.f0_energy(d.transpose(1, 2) @ alignment, s_prosody)
+        f0 = f0 * torch.exp(self.log_pitch)
+        asr = net.text_encoder(ids, mask, None) @ alignment
+        (audio,) = net.decoder(asr, f0, energy, s_timbre)
+        return audio, f0[0], durations
+
+    def _heard(self, audio24: Any) -> Any:
+        """EQ, low-pass to the reference's band and resample 24 -> 16 kHz, in one FFT."""
+        torch = self.torch
+        n = audio24.shape[0]
+        freqs = np.fft.rfftfreq(n, 1 / post.SAMPLE_RATE)
+        m = n * 2 // 3
+        keep = freqs[: m // 2 + 1]
+        gains = torch.tensor(post.eq_interpolation(keep), dtype=torch.float32, device=self.device) @ self.eq
+        scale = 10 ** (gains / 20) * torch.tensor(keep <= self.band_hz, dtype=torch.float32, device=self.device)
+        return torch.fft.irfft(torch.fft.rfft(audio24)[: m // 2 + 1] * scale, n=m) * (m / n)
+
+    def _ltas(self, audio16: Any) -> Any:
+        """Long-term spectrum (dB, level removed) over the louder 60% of frames, as post.band_powers."""
+        torch = self.torch
+        spec = torch.stft(audio16, 1024, 256, 1024, window=torch.hann_window(1024, device=self.device),
+                          center=False, return_complex=True)
+        power = spec.real ** 2 + spec.imag ** 2
+        energy = power.sum(0).detach()
+        ltas = power[:, energy >= torch.quantile(energy, 0.4)].mean(1)
+        freqs = np.fft.rfftfreq(1024, 1 / 16_000)
+        db = []
+        for k in self.ltas_bands:
+            sel = np.flatnonzero((freqs >= post.BAND_EDGES[k]) & (freqs < post.BAND_EDGES[k + 1]))
+            db.append(10 * torch.log10(ltas[sel].mean() + 1e-12))
+        out = torch.stack(db)
+        return out - out.mean()
+
+    def _ge2e(self, audio16: Any) -> Any:
+        ge2e = self.ge2e
+        rms = audio16.square().mean().sqrt().clamp_min(1e-9)
+        wav = audio16 * (10 ** (ge2e.TARGET_DBFS / 20) / rms)
+        e = self.model(ge2e.mel_partials(self.frontend, wav, ge2e.partial_starts(len(wav)))).mean(0)
+        return e / e.norm().clamp_min(1e-12)
+
+    # ------------------------------------------------------------------ the fit
+
+    def _objective(self, audio: Sequence[Any], f0: Sequence[Any]) -> dict[str, Any]:
+        """The views of the joined sentences (24 kHz audio and F0 curves, one per sentence)."""
+        torch = self.torch
+        gap = torch.zeros(int(GAP_S * 16_000), device=self.device)
+        speech = torch.cat([x for a in audio for x in (self._heard(a), gap)])
+        terms = {"ge2e": 1 - self._ge2e(speech) @ self.target,
+                 "ltas": (self._ltas(speech) - self.ref_ltas).square().mean() / 100,
+                 "prior": self.offset.square().mean()}
+        voiced = torch.cat([f[(f > F0_RANGE_HZ[0]) & (f < F0_RANGE_HZ[1])] for f in f0])
+        if self.ref_f0 is not None and len(voiced) >= 2:
+            st = semitones(voiced)
+            terms["f0"] = ((st.mean() - self.ref_f0[0]) ** 2 + (st.std() - self.ref_f0[1]) ** 2) / 4
+        return terms
+
+    def step(self, should_stop: Callable[[], bool] | None = None) -> bool:
+        """One Adam step over all fit sentences; False (nothing changed) if ``should_stop`` said so
+        between sentences.
+
+        Checkpointed by sentence, so memory holds one sentence's graph, not all of them (9 GB on
+        a CPU for four): the sentences are spoken without a graph, the objective's gradient
+        with respect to each one's audio and F0 taken, then each sentence is spoken again with
+        its graph and that gradient sent back through it.
+        """
+        torch = self.torch
+        self.opt.zero_grad()
+        spoken = []
+        with torch.no_grad():
+            for tokens, durations in zip(self.tokens, self.durations):
+                if should_stop is not None and should_stop():
+                    return False
+                audio, f0, _ = self._run(tokens, durations)
+                spoken.append((audio.detach().requires_grad_(), f0.detach().requires_grad_()))
+        terms = self._objective([a for a, _ in spoken], [f for _, f in spoken])
+        loss = sum(WEIGHTS[k] * v for k, v in terms.items())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the fit's objective is not finite: { {k: float(v) for k, v in terms.items()} }")
+        loss.backward()
+        for (tokens, durations), (audio_leaf, f0_leaf) in zip(zip(self.tokens, self.durations), spoken):
+            if should_stop is not None and should_stop():
+                return False
+            audio, f0, _ = self._run(tokens, durations)
+            grads = [torch.zeros_like(f0) if f0_leaf.grad is None else f0_leaf.grad]
+            torch.autograd.backward([audio, f0], [audio_leaf.grad, grads[0]])
+        self.opt.step()
+        with torch.no_grad():
+            self.eq.clamp_(post.MIN_GAIN_DB, post.MAX_GAIN_DB)
+            self.eq[self.out_of_band] = 0.0  # interpolation leaks them a little gradient from in band
+            self.log_pitch.clamp_(float(np.log(post.PITCH_RANGE[0])), float(np.log(post.PITCH_RANGE[1])))
+        self.steps += 1
+        self.terms = {k: round(float(v.detach()), 5) for k, v in terms.items()}
+        return True
+
+    def result(self) -> GradientResult:
+        offset = (self.offset * self.spread).detach().cpu().numpy()
+        return GradientResult((self.pack + offset[None]).astype(np.float32), float(np.exp(float(self.log_pitch.detach()))),
+                              self.eq.detach().cpu().numpy().astype(np.float32), self.steps, dict(self.terms))
+
+
+def give_back_heap() -> None:
+    """Return freed heap to the system: glibc keeps what the fit's graphs used (3-4 GB on a CPU)
+    in the process otherwise, long after the fit."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator is left to its own ways
+        pass
+
+
+def steps_for_budget(budget_s: float) -> int:
+    return int(np.clip(round(budget_s / STEP_COST_S), 1, MAX_STEPS))
+
+
+__all__ = ["GradientFit", "GradientResult", "STEP_COST_S", "f0_track", "give_back_heap", "reference_bandwidth", "steps_for_budget"]
