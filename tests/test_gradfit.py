@@ -77,6 +77,15 @@ def test_reference_bandwidth_sees_the_telephone(testdata_dir):
     assert gradfit.reference_bandwidth(post.band_powers(pink, RATE)) == gradfit.MAX_BAND_HZ
 
 
+def test_switching_the_fit_refits_the_voices(tmp_path):
+    """Voices are cached under the engine's version: the gradient fit's voices under a name of
+    their own, the search's under the name they always had."""
+    search, torch_search = KokoroEngine(tmp_path), KokoroEngine(tmp_path, backend="torch")
+    gradient = KokoroEngine(tmp_path, backend="torch", fit="gradient")
+    assert search.version == torch_search.version and "gradient" not in search.version
+    assert gradient.version != search.version and "gradient" in gradient.version
+
+
 def test_gradient_fit_needs_the_torch_backend(tmp_path):
     with pytest.raises(ParamError, match="torch"):
         KokoroEngine(tmp_path, fit="gradient")

@@ -145,7 +145,10 @@ class KokoroEngine(Engine):
         self._running = 0  # model calls in progress
         self._last_call = 0.0  # time.monotonic() at the end of the last model call
         self._used_since_release = False
-        self.version = f"{ENGINE_VERSION}+{FIT_VERSION}-{self._files.sha256[:8]}"
+        # the fit method names the voices it makes, so switching it refits them (search, the
+        # default, keeps the name voices already prepared are cached under)
+        method = "" if fit == "search" else f"-{fit}"
+        self.version = f"{ENGINE_VERSION}+{FIT_VERSION}{method}-{self._files.sha256[:8]}"
 
     # ----------------------------------------------------------------------------- lifecycle
 
