@@ -505,10 +505,9 @@ class StyleFitter:
             raise EngineError("the gradient fit needs the reference recording")
         steps = gradfit.steps_for_budget(budget) if max_steps is None else max(1, int(max_steps))
         clock.work_total = steps * gradfit.STEP_COST_S
-        pitch = float(np.asarray(previous["pitch"]).reshape(-1)[0]) if "pitch" in previous else 1.0
+        start = self.engine.voicing(previous)
         fit = gradfit.GradientFit(net, self.encoder, self.tokens + self.tuning_tokens[:gradfit.TUNING_SENTENCES],
-                                  previous["style"], self._spread, t, ref_bands, reference,
-                                  previous["eq"] if "eq" in previous else None, pitch)
+                                  previous["style"], self._spread, t, ref_bands, reference, start.eq, start.pitch)
         cap = budget * TIME_CAP_FACTOR
         cut = False
         try:

@@ -136,7 +136,7 @@ class GradientFit:
         self.steps = 0
         self.terms: dict[str, float] = {}
         with torch.no_grad():  # the timing, once, from the starting voice
-            self.durations = [self._run(t, None)[2] for t in self.tokens]
+            self.durations = [self._durations(t) for t in self.tokens]
 
     # ------------------------------------------------------------------ the differentiable path
 
@@ -144,25 +144,34 @@ class GradientFit:
         row = self.torch.from_numpy(self.pack[min(len(tokens), self.pack.shape[0] - 1)]).to(self.device)
         return (row + self.offset * self.spread)[None]
 
-    def _run(self, tokens: list[int], durations: Any) -> tuple[Any, Any, Any]:
-        """(24 kHz audio, F0 curve, durations) of one sentence: KokoroNet.batch for one item,
-        keeping the F0 curve the fit compares."""
+    def _encode(self, tokens: list[int]) -> tuple[Any, Any, Any, Any]:
+        """(ids, mask, style, the prosody predictor's token encoding) of one sentence."""
         torch, net = self.torch, self.net
-        c = net.config
         ids = torch.tensor([[0, *tokens, 0]], device=self.device)
         mask = torch.ones_like(ids, dtype=torch.bool)
         style = self._style(tokens)
+        d = net.predictor.text_encoder(net.bert_encoder(net.bert(ids, mask)), style[:, net.config.style:], mask, None)
+        return ids, mask, style, d
+
+    def _durations(self, tokens: list[int]) -> Any:
+        """Frames per token as the model predicts them (the decoder, most of the cost, not run)."""
+        d = self._encode(tokens)[3]
+        return self.torch.round(self.net.predictor.durations(d, None)).clamp(min=1).long()[0]
+
+    def _run(self, tokens: list[int], durations: Any) -> tuple[Any, Any]:
+        """(24 kHz audio, F0 curve) of one sentence with its timing held: KokoroNet.batch for one
+        item, keeping the F0 curve the fit compares."""
+        torch, net = self.torch, self.net
+        c = net.config
+        ids, mask, style, d = self._encode(tokens)
         s_prosody, s_timbre = style[:, c.style:], style[:, :c.style]
-        d = net.predictor.text_encoder(net.bert_encoder(net.bert(ids, mask)), s_prosody, mask, None)
-        if durations is None:
-            durations = torch.round(net.predictor.durations(d, None)).clamp(min=1).long()[0]
         owner = torch.repeat_interleave(torch.arange(ids.shape[1], device=self.device), durations)
         alignment = torch.nn.functional.one_hot(owner, ids.shape[1]).T[None].to(d.dtype)
         f0, energy = net.predictor.f0_energy(d.transpose(1, 2) @ alignment, s_prosody)
         f0 = f0 * torch.exp(self.log_pitch)
         asr = net.text_encoder(ids, mask, None) @ alignment
         (audio,) = net.decoder(asr, f0, energy, s_timbre)
-        return audio, f0[0], durations
+        return audio, f0[0]
 
     def _heard(self, audio24: Any) -> Any:
         """EQ, low-pass to the reference's band and resample 24 -> 16 kHz, in one FFT."""
@@ -230,7 +239,7 @@ class GradientFit:
             for tokens, durations in zip(self.tokens, self.durations):
                 if should_stop is not None and should_stop():
                     return False
-                audio, f0, _ = self._run(tokens, durations)
+                audio, f0 = self._run(tokens, durations)
                 spoken.append((audio.detach().requires_grad_(), f0.detach().requires_grad_()))
         terms = self._objective([a for a, _ in spoken], [f for _, f in spoken])
         loss = sum(WEIGHTS[k] * v for k, v in terms.items())
@@ -240,7 +249,7 @@ class GradientFit:
         for (tokens, durations), (audio_leaf, f0_leaf) in zip(zip(self.tokens, self.durations), spoken):
             if should_stop is not None and should_stop():
                 return False
-            audio, f0, _ = self._run(tokens, durations)
+            audio, f0 = self._run(tokens, durations)
             grads = [torch.zeros_like(f0) if f0_leaf.grad is None else f0_leaf.grad]
             torch.autograd.backward([audio, f0], [audio_leaf.grad, grads[0]])
         self.opt.step()
