@@ -1,7 +1,7 @@
 """The refine stage by gradient (voiced.engines.kokoro.gradfit): real weights, the real torch network.
 
 The fit's tests count work (steps), never time, so they pass on a loaded or slow machine. Those
-that fit are slow tests: a step back-propagates through the whole network (about 17 s and 4 GB
+that fit are slow tests: a step back-propagates through the whole network (about 6 s and 3 GB
 here), and the heap it leaves behind would hide the memory figures of the tests that follow.
 """
 
@@ -99,6 +99,36 @@ def torch_engine(tmp_path_factory, speaker_encoder) -> KokoroEngine:
                        encoder=speaker_encoder)
     eng.load("cpu")
     return eng
+
+
+def test_a_step_hears_windows_of_every_sentence_in_turn(torch_engine, testdata_dir, speaker_encoder):
+    """The decoder runs on CROP_S windows (all of a shorter sentence), CROPS_PER_STEP a step, each
+    sentence once before any is heard again; the same fit draws the same windows."""
+    import torch
+
+    wav = _read(testdata_dir, "carlo_a.wav")
+    fitter = torch_engine.fitter()
+    tokens = fitter.tokens + fitter.tuning_tokens[:gradfit.TUNING_SENTENCES]
+
+    def fit() -> gradfit.GradientFit:
+        return gradfit.GradientFit(torch_engine.backend.net, speaker_encoder, tokens,
+                                   torch_engine.voices[torch_engine.default_voice], fitter._spread,
+                                   speaker_encoder.embed(wav), post.band_powers(wav, RATE), wav)
+
+    a, b = fit(), fit()
+    drawn = [a._next_sentences() for _ in range(4)]
+    assert drawn == [b._next_sentences() for _ in range(4)]
+    assert all(len(d) == gradfit.CROPS_PER_STEP for d in drawn)
+    first_round = [i for d in drawn for i in d][:len(tokens)]
+    assert sorted(first_round) == list(range(len(tokens)))
+    window = round(gradfit.CROP_S * a.frame_rate)
+    with torch.no_grad():
+        for i in (0, 3):
+            asr, f0, energy, timbre = a._prosody(a.tokens[i], a.durations[i])
+            audio = a._crop(asr, f0, energy, timbre)
+            frames = min(asr.shape[2], window)
+            assert audio.shape[0] == frames * post.SAMPLE_RATE / a.frame_rate
+            assert torch.isfinite(audio).all() and audio.square().mean().sqrt() > 0.01
 
 
 @pytest.mark.slow

@@ -29,18 +29,23 @@ from voiced.engines.kokoro import post
 
 log = logging.getLogger(__name__)
 
-# One step: every fit sentence spoken, compared and back-propagated, then one Adam update.
-# What it costs on a 2-core x86 CPU (torch fp32, four sentences), to turn a budget into steps.
-STEP_COST_S = 17.0
+# One step: a window of CROP_S of each of CROPS_PER_STEP fit sentences decoded, compared and
+# back-propagated, then one Adam update. What it costs on a 2-core x86 CPU (torch fp32), to turn
+# a budget into steps.
+STEP_COST_S = 6.0
 MAX_STEPS = 48
-TUNING_SENTENCES = 3  # fit on the calibration sentence and this many of the tuning sentences
+TUNING_SENTENCES = 7  # fit on the calibration sentence and this many of the tuning sentences
+CROPS_PER_STEP = 4
+CROP_S = 2.0
+CONTEXT_FRAMES = 4  # decoded either side of a window and cut (100 ms)
+NOISE_SNR_DB = (25.0, 40.0)
+SEED = 0  # the windows and the noise: the same reference gives the same voice
 WEIGHTS = {"ge2e": 1.0, "ltas": 1.0, "f0": 1.0, "prior": 0.02}
 LEARNING_RATES = {"offset": 0.08, "log_pitch": 0.01, "eq": 0.4}
 MIN_BAND_HZ, MAX_BAND_HZ = 3000.0, 7600.0
 CLIFF_DB = 20.0  # a band this far under the one before it is past the reference's channel
 ROLL_OFF_DB = 6.0  # ... and the band before that, if it already lies this far under its neighbour
 F0_RANGE_HZ = (60.0, 500.0)
-GAP_S = 0.17  # silence between the fit's sentences, joined into one utterance as a reference is
 
 
 def reference_bandwidth(ref_bands: np.ndarray) -> float:
@@ -135,6 +140,10 @@ class GradientFit:
                                      {"params": [self.eq], "lr": LEARNING_RATES["eq"]}])
         self.steps = 0
         self.terms: dict[str, float] = {}
+        self.rng = np.random.default_rng(SEED)
+        self.queue: list[int] = []
+        # decoder frames per second: the F0 curve runs at twice this rate
+        self.frame_rate = post.SAMPLE_RATE / (2 * net.decoder.generator.scale)
         with torch.no_grad():  # the timing, once, from the starting voice
             self.durations = [self._durations(t) for t in self.tokens]
 
@@ -158,20 +167,34 @@ class GradientFit:
         d = self._encode(tokens)[3]
         return self.torch.round(self.net.predictor.durations(d, None)).clamp(min=1).long()[0]
 
-    def _run(self, tokens: list[int], durations: Any) -> tuple[Any, Any]:
-        """(24 kHz audio, F0 curve) of one sentence with its timing held: KokoroNet.batch for one
-        item, keeping the F0 curve the fit compares."""
+    def _prosody(self, tokens: list[int], durations: Any) -> tuple[Any, Any, Any, Any]:
+        """(the text aligned to frames, F0 curve, energy curve, the timbre half of the style) of
+        one sentence with its timing held: KokoroNet.batch for one item, up to the decoder."""
         torch, net = self.torch, self.net
         c = net.config
         ids, mask, style, d = self._encode(tokens)
-        s_prosody, s_timbre = style[:, c.style:], style[:, :c.style]
         owner = torch.repeat_interleave(torch.arange(ids.shape[1], device=self.device), durations)
         alignment = torch.nn.functional.one_hot(owner, ids.shape[1]).T[None].to(d.dtype)
-        f0, energy = net.predictor.f0_energy(d.transpose(1, 2) @ alignment, s_prosody)
+        f0, energy = net.predictor.f0_energy(d.transpose(1, 2) @ alignment, style[:, c.style:])
         f0 = f0 * torch.exp(self.log_pitch)
         asr = net.text_encoder(ids, mask, None) @ alignment
-        (audio,) = net.decoder(asr, f0, energy, s_timbre)
-        return audio, f0[0]
+        return asr, f0, energy, style[:, :c.style]
+
+    def _crop(self, asr: Any, f0: Any, energy: Any, timbre: Any) -> Any:
+        """24 kHz audio of a random window of CROP_S of one sentence (all of a shorter one).
+
+        The decoder is most of the cost and its cost is the audio's length, so a step decodes
+        windows, not sentences; a new window each step lets the fit hear every part over its
+        steps. The window is decoded with CONTEXT_FRAMES either side, then cut, so its edges
+        are not the decoder's edges.
+        """
+        frames = asr.shape[2]
+        length = min(frames, max(1, round(CROP_S * self.frame_rate)))
+        start = int(self.rng.integers(0, frames - length + 1))
+        lo, hi = max(0, start - CONTEXT_FRAMES), min(frames, start + length + CONTEXT_FRAMES)
+        (audio,) = self.net.decoder(asr[:, :, lo:hi], f0[:, 2 * lo:2 * hi], energy[:, 2 * lo:2 * hi], timbre)
+        per_frame = audio.shape[0] // (hi - lo)
+        return audio[(start - lo) * per_frame:(start - lo + length) * per_frame]
 
     def _heard(self, audio24: Any) -> Any:
         """EQ, low-pass to the reference's band and resample 24 -> 16 kHz, in one FFT."""
@@ -209,56 +232,72 @@ class GradientFit:
 
     # ------------------------------------------------------------------ the fit
 
-    def _objective(self, audio: Sequence[Any], f0: Sequence[Any]) -> dict[str, Any]:
-        """The views of the joined sentences (24 kHz audio and F0 curves, one per sentence)."""
+    def _crop_terms(self, audio24: Any) -> dict[str, Any]:
+        """The views of one decoded window: GE2E hears it with a little noise (a random level in
+        NOISE_SNR_DB), so that what moves the encoder is the voice, not details under the noise."""
         torch = self.torch
-        gap = torch.zeros(int(GAP_S * 16_000), device=self.device)
-        speech = torch.cat([x for a in audio for x in (self._heard(a), gap)])
-        terms = {"ge2e": 1 - self._ge2e(speech) @ self.target,
-                 "ltas": (self._ltas(speech) - self.ref_ltas).square().mean() / 100,
-                 "prior": self.offset.square().mean()}
-        voiced = torch.cat([f[(f > F0_RANGE_HZ[0]) & (f < F0_RANGE_HZ[1])] for f in f0])
-        if self.ref_f0 is not None and len(voiced) >= 2:
-            st = semitones(voiced)
-            terms["f0"] = ((st.mean() - self.ref_f0[0]) ** 2 + (st.std() - self.ref_f0[1]) ** 2) / 4
-        return terms
+        heard = self._heard(audio24)
+        snr_db = float(self.rng.uniform(*NOISE_SNR_DB))
+        noise = torch.from_numpy(self.rng.standard_normal(heard.shape[0]).astype(np.float32)).to(self.device)
+        noisy = heard + noise * (heard.detach().square().mean().sqrt() * 10 ** (-snr_db / 20))
+        return {"ge2e": 1 - self._ge2e(noisy) @ self.target,
+                "ltas": (self._ltas(heard) - self.ref_ltas).square().mean() / 100}
+
+    def _f0_term(self, curves: Sequence[Any]) -> Any | None:
+        """Mean and spread of log F0 against the reference's, over the voiced frames of whole
+        sentences (the predictor's curves: no decoding needed)."""
+        if self.ref_f0 is None:
+            return None
+        voiced = self.torch.cat([f[0][(f[0] > F0_RANGE_HZ[0]) & (f[0] < F0_RANGE_HZ[1])] for f in curves])
+        if len(voiced) < 2:
+            return None
+        st = semitones(voiced)
+        return ((st.mean() - self.ref_f0[0]) ** 2 + (st.std() - self.ref_f0[1]) ** 2) / 4
+
+    def _next_sentences(self) -> list[int]:
+        """CROPS_PER_STEP of the fit sentences, each in turn: a new shuffle when all were heard."""
+        while len(self.queue) < min(CROPS_PER_STEP, len(self.tokens)):
+            self.queue.extend(int(i) for i in self.rng.permutation(len(self.tokens)) if i not in self.queue)
+        chosen, self.queue = self.queue[:CROPS_PER_STEP], self.queue[CROPS_PER_STEP:]
+        return chosen
+
+    def _backward(self, terms: dict[str, Any], scale: float, totals: dict[str, float]) -> None:
+        loss = sum(WEIGHTS[k] * v for k, v in terms.items()) * scale
+        if not self.torch.isfinite(loss):
+            raise FloatingPointError(f"the fit's objective is not finite: { {k: float(v) for k, v in terms.items()} }")
+        # the sentences' prosody graphs are shared by the F0 view and every window: kept until the step ends
+        loss.backward(retain_graph=True)
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach()) * scale
 
     def step(self, should_stop: Callable[[], bool] | None = None) -> bool:
-        """One Adam step over all fit sentences; False (nothing changed) if ``should_stop`` said so
-        between sentences.
+        """One Adam step over CROPS_PER_STEP windows of the fit sentences; False (nothing
+        changed) if ``should_stop`` said so between windows.
 
-        Checkpointed by sentence, so memory holds one sentence's graph, not all of them (9 GB on
-        a CPU for four): the sentences are spoken without a graph, the objective's gradient
-        with respect to each one's audio and F0 taken, then each sentence is spoken again with
-        its graph and that gradient sent back through it.
+        Each window's views are back-propagated as soon as they are known, so memory holds one
+        window's decoder graph at a time.
         """
-        torch = self.torch
         self.opt.zero_grad()
-        spoken = []
-        with torch.no_grad():
-            for tokens, durations in zip(self.tokens, self.durations):
-                if should_stop is not None and should_stop():
-                    return False
-                audio, f0 = self._run(tokens, durations)
-                spoken.append((audio.detach().requires_grad_(), f0.detach().requires_grad_()))
-        terms = self._objective([a for a, _ in spoken], [f for _, f in spoken])
-        loss = sum(WEIGHTS[k] * v for k, v in terms.items())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the fit's objective is not finite: { {k: float(v) for k, v in terms.items()} }")
-        loss.backward()
-        for (tokens, durations), (audio_leaf, f0_leaf) in zip(zip(self.tokens, self.durations), spoken):
+        prosody = [self._prosody(self.tokens[i], self.durations[i]) for i in self._next_sentences()]
+        totals: dict[str, float] = {}
+        whole = {"prior": self.offset.square().mean()}
+        f0 = self._f0_term([p[1] for p in prosody])
+        if f0 is not None:
+            whole["f0"] = f0
+        self._backward(whole, 1.0, totals)
+        for asr, f0_curve, energy, timbre in prosody:
             if should_stop is not None and should_stop():
                 return False
-            audio, f0 = self._run(tokens, durations)
-            grads = [torch.zeros_like(f0) if f0_leaf.grad is None else f0_leaf.grad]
-            torch.autograd.backward([audio, f0], [audio_leaf.grad, grads[0]])
+            self._backward(self._crop_terms(self._crop(asr, f0_curve, energy, timbre)), 1 / len(prosody), totals)
+        del prosody
         self.opt.step()
+        torch = self.torch
         with torch.no_grad():
             self.eq.clamp_(post.MIN_GAIN_DB, post.MAX_GAIN_DB)
             self.eq[self.out_of_band] = 0.0  # interpolation leaks them a little gradient from in band
             self.log_pitch.clamp_(float(np.log(post.PITCH_RANGE[0])), float(np.log(post.PITCH_RANGE[1])))
         self.steps += 1
-        self.terms = {k: round(float(v.detach()), 5) for k, v in terms.items()}
+        self.terms = {k: round(v, 5) for k, v in totals.items()}
         return True
 
     def result(self) -> GradientResult:
