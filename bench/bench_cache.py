@@ -1,4 +1,4 @@
-"""Micro-benchmark of voiced.cache: put/get latency and start-up reconcile figures.
+"""Micro-benchmark of voiced.store (the local artefact store): put/get latency and start-up reconcile figures.
 
 Run: python bench/bench_cache.py [--dir DIR] [--n N]
 Uses a fresh temporary cache directory (on the same filesystem as DIR when given, since
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe  # noqa: E402
-from voiced.cache import Cache, FileRecord  # noqa: E402
+from voiced.library.files import FileRecord, FileRecords  # noqa: E402
+from voiced.store import LocalStore  # noqa: E402
 
 
 def sha(i: int) -> str:
@@ -58,7 +59,7 @@ def main() -> None:
             "ref": rng.standard_normal(50_000).astype(np.float32),
         },
     }
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, Cache(Path(tmp) / "cache") as cache:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, LocalStore(Path(tmp) / "cache") as cache:
         print(f"cache in {tmp}")
         for n, (label, arrays) in enumerate(payloads.items()):
             base = (n + 1) * 1_000_000
@@ -73,14 +74,17 @@ def main() -> None:
             FileRecord(f"speakers/{i // 100:03d}/take-{i:05d}.wav", 100_000 + i, 1_700_000_000_000_000_000 + i, 10_000 + i, sha(i))
             for i in range(args.files)
         ]
-        print(f"record_files({args.files:,} new)                   {timed(lambda: cache.record_files(records)) * 1e3:8.1f} ms")
-        print(f"record_files({args.files:,} updated)               {timed(lambda: cache.record_files(records)) * 1e3:8.1f} ms")
-        report(f"file_records() of {args.files:,}", [timed(cache.file_records) for _ in range(10)])
-        report("record_file (one)", [timed(lambda i=i: cache.record_file(records[i])) for i in range(args.n)])
+        files = FileRecords(cache.directory, "bench:/voices", cache)
+        print(f"record({args.files:,} new)                   {timed(lambda: files.record(records)) * 1e3:8.1f} ms")
+        print(f"record({args.files:,} updated)               {timed(lambda: files.record(records)) * 1e3:8.1f} ms")
+        report(f"all() of {args.files:,} records", [timed(files.all) for _ in range(10)])
+        report("record (one)", [timed(lambda i=i: files.record([records[i]])) for i in range(args.n)])
+        print(f"sync ({args.files:,} files)                   {timed(files.sync) * 1e3:8.1f} ms")
         print(f"collect_garbage ({cache.stats().entries} entries, {args.files:,} files) "
               f"{timed(lambda: cache.collect_garbage(3600.0)) * 1e3:8.1f} ms")
         paths = [r.path for r in records]
-        print(f"forget_files({args.files:,})                       {timed(lambda: cache.forget_files(paths)) * 1e3:8.1f} ms")
+        print(f"forget({args.files:,})                       {timed(lambda: files.forget(paths)) * 1e3:8.1f} ms")
+        files.close()
         print(cache.stats())
 
 

@@ -32,7 +32,7 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-from voiced.cache import Cache
+from voiced.store import LocalStore
 from voiced.config import VoicesConfig
 from voiced.embedding import embedding_kind
 from voiced.encoder import SpeakerEncoder
@@ -53,7 +53,7 @@ def bench_latency(runs: int, workdir: Path, encoder: SpeakerEncoder) -> None:
     voices = workdir / "latency" / "voices"
     voices.mkdir(parents=True)
     config = VoicesConfig(dir=voices, settle_s=1.0)
-    cache = Cache(workdir / "latency" / "cache")
+    cache = LocalStore(workdir / "latency" / "cache")
     ready_at: dict[str, float] = {}
     done = threading.Condition()
 
@@ -131,7 +131,7 @@ def bench_many(count: int, workdir: Path, encoder: SpeakerEncoder) -> None:
     stand_in = _Unused(encoder)
 
     # first reconcile: nothing known, every file walked and hashed, the index written
-    cache = Cache(cache_dir)
+    cache = LocalStore(cache_dir)
     library = Library(config, cache, stand_in)
     report, _ = library.reconcile()
     print(f"(2) folder of {count} voices")
@@ -139,7 +139,7 @@ def bench_many(count: int, workdir: Path, encoder: SpeakerEncoder) -> None:
     cache.close()
 
     # prepare every voice (entries written through the cache API, in parallel: each put fsyncs)
-    cache = Cache(cache_dir)
+    cache = LocalStore(cache_dir)
     kind = embedding_kind(True, config.max_duration_s)
     producer = f"{encoder.model_id}@{encoder.version}"
     def put(path: Path) -> None:
@@ -156,7 +156,7 @@ def bench_many(count: int, workdir: Path, encoder: SpeakerEncoder) -> None:
     # warm restart: a new library over the same folder and cache, as after a daemon restart
     gc.collect()
     started = time.perf_counter()
-    cache = Cache(cache_dir)
+    cache = LocalStore(cache_dir)
     library = Library(config, cache, stand_in)
     report, _ = library.reconcile()
     counts = library.counts()
@@ -170,7 +170,7 @@ def bench_many(count: int, workdir: Path, encoder: SpeakerEncoder) -> None:
     # memory: what the library holds per voice (Python heap, traced on a second warm restart)
     gc.collect()
     tracemalloc.start()
-    cache = Cache(cache_dir)
+    cache = LocalStore(cache_dir)
     library = Library(config, cache, stand_in)
     library.reconcile()
     gc.collect()

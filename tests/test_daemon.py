@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from voiced import cli
-from voiced.cache import Cache
+from voiced.store import LocalStore
 from voiced.client import Client, ClientTimeout, RequestError, Unreachable
 from voiced.fsutil import sha256_file
 from voiced.protocol import ERROR_CODES
@@ -164,7 +164,7 @@ def test_voice_lifecycle_through_the_daemon(daemon: DaemonProcess, clips: dict[s
     (daemon.voices / "life-renamed.wav").unlink()
     daemon.wait_voice("life-renamed", lambda v: v is None)
     deadline = time.monotonic() + 30
-    with Cache(daemon.cache_dir) as cache:
+    with LocalStore(daemon.cache_dir) as cache:
         while cache.entries_for(changed["sha256"]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert cache.entries_for(changed["sha256"]) == []

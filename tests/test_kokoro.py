@@ -768,7 +768,7 @@ def _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkey
     import shutil
     import threading
 
-    from voiced.cache import Cache
+    from voiced.store import LocalStore
     from voiced.config import VoicesConfig
     from voiced.library import Library
 
@@ -799,7 +799,7 @@ def _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkey
             return True
         return False
 
-    cache = Cache(tmp_path / "cache")
+    cache = LocalStore(tmp_path / "cache")
     library = Library(VoicesConfig(dir=voices), cache, speaker_encoder, engine=engine, stage_budget_s=4.0)
     library.set_external_demand(demanded)
     library.start()
@@ -852,7 +852,7 @@ def test_a_drop_reaches_each_stage_for_every_voice_before_the_next(engine, speak
     """Every voice usable at 'stock' first, then all at 'quick', then the costly refinements."""
     import shutil
 
-    from voiced.cache import Cache
+    from voiced.store import LocalStore
     from voiced.config import VoicesConfig
     from voiced.library import Library
 
@@ -868,7 +868,7 @@ def test_a_drop_reaches_each_stage_for_every_voice_before_the_next(engine, speak
         return prepare(reference, embedding, stage=stage, **kwargs)
 
     monkeypatch.setattr(engine, "prepare_voice", recorded)
-    cache = Cache(tmp_path / "cache")
+    cache = LocalStore(tmp_path / "cache")
     library = Library(VoicesConfig(dir=voices), cache, speaker_encoder, engine=engine, stage_budget_s=0.5)
     library.start()
     try:

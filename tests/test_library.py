@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voiced.cache import Cache
+from voiced.store import LocalStore
 from voiced.config import VoicesConfig
 from voiced.fsutil import sha256_file
 from voiced.library import Library
@@ -62,12 +62,12 @@ class Folder:
         self.encoder = CountingEncoder(encoder)
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._event_added = threading.Condition()
-        self.cache: Cache | None = None
+        self.cache: LocalStore | None = None
         self.library: Library | None = None
         self.watcher: FolderWatcher | None = None
 
     def start(self) -> "Folder":
-        self.cache = Cache(self.cache_dir)
+        self.cache = LocalStore(self.cache_dir)
         self.library = Library(self.config, self.cache, self.encoder, listeners=[self._record])
         self.library.start()
         self.watcher = FolderWatcher(self.library, self.config)

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 
 from voiced import __version__
-from voiced.cache import Cache
+from voiced.store import LocalStore
 from voiced.config import Config, ensure_dirs, load_config
 from voiced.encoder import SpeakerEncoder
 from voiced.engines import Engine
@@ -46,7 +46,7 @@ class Daemon:
         self.config = config
         self.notifier = notifier or Notifier()
         self.started_at = time.time()
-        self.cache: Cache | None = None
+        self.cache: LocalStore | None = None
         self.encoder: SpeakerEncoder | None = None
         self.engine: Engine | None = None
         self.library: Library | None = None
@@ -67,7 +67,7 @@ class Daemon:
         # plugins first: a bad plugin or setting fails before minutes of model loading
         self.plugins = PluginHost(config.plugins, source=config.source)
         limit = int(config.cache.size_limit_mb * 1024 * 1024) or None
-        self.cache = Cache(config.cache.dir, size_limit_bytes=limit)
+        self.cache = LocalStore(config.cache.dir, size_limit_bytes=limit)
         self.notifier.status("loading the speaker encoder")
         started = time.monotonic()
         self.encoder = SpeakerEncoder(
@@ -133,6 +133,8 @@ class Daemon:
             except VoicedError as exc:
                 log.warning("cache garbage collection at exit failed: %s", exc)
             self.cache.close()
+        if self.library is not None:
+            self.library.files.close()
         self.notifier.close()
         log.info("voiced stopped")
 

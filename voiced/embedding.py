@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from voiced.audio import LoadedAudio, load_audio
-from voiced.cache import Cache
+from voiced.store import LocalStore
 from voiced.config import Config
 from voiced.errors import AudioError, CacheError
 from voiced.fsutil import sha256_file
@@ -67,11 +67,11 @@ def iter_embeddings(
     """embed_files' results one by one, as each file is done (for a progress bar)."""
     from voiced.encoder import SpeakerEncoder
 
-    cache: Cache | None = None
+    cache: LocalStore | None = None
     if use_cache:
         try:
             config.cache.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            cache = Cache(config.cache.dir, size_limit_bytes=int(config.cache.size_limit_mb * 2**20) or None)
+            cache = LocalStore(config.cache.dir, size_limit_bytes=int(config.cache.size_limit_mb * 2**20) or None)
         except (OSError, CacheError) as exc:
             log.warning("cache unavailable, embedding without it: %s", exc)
     encoder: SpeakerEncoder | None = None

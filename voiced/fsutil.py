@@ -39,6 +39,23 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 
 
 @contextmanager
+def durable_temp(directory: Path, *, prefix: str, suffix: str = ".tmp") -> Iterator[tuple[BinaryIO, Path]]:
+    """A fresh file in ``directory`` to write, fsynced when the block ends and removed if it
+    raises: the first half of an atomic write, whose caller renames it into place when it
+    chooses (the store does so under its index's lock)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh, tmp
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def atomic_writer(path: Path, *, tmp_prefix: str | None = None) -> Iterator[BinaryIO]:
     """A file to write ``path`` through, so a crash leaves the old file or the new one, never a part.
 
@@ -46,15 +63,12 @@ def atomic_writer(path: Path, *, tmp_prefix: str | None = None) -> Iterator[Bina
     leftovers) and is fsynced before the rename, which happens only if the block ends without an
     exception; the caller fsyncs the folder when the rename itself must survive a power cut.
     """
-    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix or f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with durable_temp(path.parent, prefix=tmp_prefix or f".{path.name}.") as (fh, tmp):
+        yield fh
     try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -7,7 +7,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from voiced.cache import INDEX_NAME, OBJECTS_DIR, TEMP_FILE_MAX_AGE_S
+from voiced.library import files as file_records
+from voiced.store.local import INDEX_NAME, OBJECTS_DIR, TEMP_FILE_MAX_AGE_S
 
 
 def cache_problems(cache_dir: Path, current: set[str]) -> dict[str, list[str]]:
@@ -17,10 +18,17 @@ def cache_problems(cache_dir: Path, current: set[str]) -> dict[str, list[str]]:
     try:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         rows = db.execute("SELECT source, producer, kind, object, object_sha256, size FROM entries").fetchall()
-        files = db.execute("SELECT path, sha256 FROM files").fetchall()
+        held = {r[0] for r in db.execute("SELECT source FROM holds")}
         totals = db.execute("SELECT entries, bytes FROM totals").fetchone()
     finally:
         db.close()
+    files: list[tuple[str, str]] = []
+    if (cache_dir / file_records.NAME).exists():
+        db = sqlite3.connect(f"file:{cache_dir / file_records.NAME}?mode=ro", uri=True)
+        try:
+            files = db.execute("SELECT path, sha256 FROM files").fetchall()
+        finally:
+            db.close()
     objects = cache_dir / OBJECTS_DIR
     known = set()
     for source, producer, kind, name, digest, size in rows:
@@ -48,4 +56,6 @@ def cache_problems(cache_dir: Path, current: set[str]) -> dict[str, list[str]]:
     for rel, sha in files:
         if sha not in current:
             problems["files"].append(f"file record {rel} has an old hash")
+        elif sha not in held:
+            problems["files"].append(f"file record {rel}: the store does not hold its content")
     return problems

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from cachecheck import cache_problems
 
-from voiced.cache import INDEX_NAME, OBJECTS_DIR
+from voiced.store.local import INDEX_NAME, OBJECTS_DIR
 from voiced.client import RequestError
 from voiced.fsutil import sha256_file
 from voiced.protocol import ERROR_CODES

@@ -25,12 +25,13 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import numpy as np
 
 from voiced.audio import load_audio, voiced_fraction
-from voiced.cache import Cache, FileRecord
+from voiced.store import ArtifactStore
 from voiced.config import VoicesConfig
 from voiced.embedding import audio_meta, embedding_kind
 from voiced.engines.base import Conditioning, Engine
 from voiced.errors import AudioError, CacheError
 from voiced.fsutil import sha256_file
+from voiced.library.files import FileRecord, FileRecords, holder_name
 from voiced.library.voice import Voice, VoiceState, is_candidate, normalize_name, undecodable, voice_name
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,10 @@ class Library:
     def __init__(
         self,
         config: VoicesConfig,
-        cache: Cache,
+        cache: ArtifactStore,
         encoder: Embedder,
         *,
+        files: FileRecords | None = None,
         engine: Engine | None = None,
         preprocess: bool = True,
         stage_budget_s: float | None = None,
@@ -93,6 +95,9 @@ class Library:
         self.config = config
         self.root = Path(config.dir)
         self.cache = cache
+        # the folder's file records: beside a local store's index unless told otherwise
+        self.files = files if files is not None else FileRecords(
+            Path(getattr(cache, "directory")), holder_name(self.root), cache)
         self.encoder = encoder
         self.engine = engine
         self.preprocess = preprocess
@@ -263,13 +268,13 @@ class Library:
         """
         started = time.monotonic()
         found = self._walk()
-        records = self.cache.file_records()
+        records = self.files.all()
         now_ns = time.time_ns()
         recent: list[str] = []
         unchanged = ready = queued = 0
         gone = [p for p in records if p not in found]
         if gone:
-            self.cache.forget_files(gone)
+            self.files.forget(gone)
         with self._lock:
             removed = [p for p in self._voices if p not in found]
         for path in removed:
@@ -305,11 +310,15 @@ class Library:
                 queued += 1
         if hashed:
             try:
-                self.cache.record_files(hashed)
+                self.files.record(hashed)
             except CacheError as exc:
                 log.warning("cannot record hashes in the cache index: %s", exc)
                 with self._lock:
                     self._unrecorded.update((r.path, r) for r in hashed)
+        try:
+            self.files.sync()  # the store holds exactly what the records refer to
+        except CacheError as exc:
+            log.warning("cannot tell the cache which content the folder holds: %s", exc)
         report = ReconcileReport(
             files=len(found),
             unchanged=unchanged,
@@ -508,7 +517,7 @@ class Library:
             self._changed.notify_all()
             event = voice.to_dict()
         try:
-            self.cache.forget_file(path)
+            self.files.forget([path])
         except CacheError as exc:
             log.warning("cannot forget %s in the cache: %s", path, exc)
         log.info("voice removed: %s (%s)", voice.name, reason, extra={"voice": voice.name})
@@ -831,7 +840,7 @@ class Library:
     def _record(self, path: str, st: os.stat_result, sha: str) -> None:
         record = FileRecord(path, st.st_size, st.st_mtime_ns, st.st_ino, sha)
         try:
-            self.cache.record_file(record)
+            self.files.record([record])
         except CacheError as exc:
             log.warning("cannot record %s in the cache index: %s", path, exc)
             with self._lock:
@@ -876,7 +885,7 @@ class Library:
             self._unrecorded.clear()
         if records:
             try:
-                self.cache.record_files(records)
+                self.files.record(records)
             except CacheError as exc:
                 log.debug("still cannot record files: %s", exc)
                 with self._lock:

@@ -1,4 +1,4 @@
-"""Tests of voiced.cache: real files, real sqlite, real subprocesses (no mocks)."""
+"""Tests of voiced.store (the local artefact store): real files, real sqlite, real subprocesses (no mocks)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import voiced.cache as cache_mod
-from voiced.cache import Cache, CacheStats, FileRecord
+import voiced.store.local as cache_mod
+from voiced.store import ArtifactStore, LocalStore, StoreStats
 from voiced.errors import CacheError
 from voiced.fsutil import sha256_file
 
@@ -87,7 +85,7 @@ def child_script(tmp_path: Path, body: str) -> Path:
         "import hashlib, logging, random, sys, time\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "import numpy as np\n"
-        "from voiced.cache import Cache, FileRecord\n"
+        "from voiced.store import LocalStore\n"
         "from voiced.errors import CacheError\n"
         f"PRODUCERS = {PRODUCERS!r}\nKINDS = {KINDS!r}\n"
         "logging.basicConfig(level=logging.WARNING, stream=sys.stderr)\n"
@@ -100,14 +98,14 @@ def child_script(tmp_path: Path, body: str) -> Path:
 
 @pytest.fixture
 def cache(tmp_path: Path):
-    with Cache(tmp_path / "cache") as c:
+    with LocalStore(tmp_path / "cache") as c:
         yield c
 
 
 # ---------------------------------------------------------------------------- basics
 
 
-def test_roundtrip_and_misses(cache: Cache) -> None:
+def test_roundtrip_and_misses(cache: LocalStore) -> None:
     src, prod, kind = source(1), PRODUCERS[0], KINDS[0]
     want = expected_arrays(src, prod, kind)
     assert cache.get(src, prod, kind) is None
@@ -126,13 +124,13 @@ def test_roundtrip_and_misses(cache: Cache) -> None:
     assert cache.get_meta(src, prod, KINDS[1]) == {}
     assert cache.entries_for(src) == [(prod, KINDS[0]), (prod, KINDS[1])]
     stats = cache.stats()
-    assert isinstance(stats, CacheStats)
+    assert isinstance(stats, StoreStats)
     # every lookup counts, get_meta and has too: 4 found, 6 not
     assert (stats.entries, stats.hits, stats.misses, stats.size_limit_bytes) == (2, 4, 6, None)
     assert stats.bytes == sum(p.stat().st_size for p in object_files(cache.directory))
 
 
-def test_get_entry_is_one_lookup(cache: Cache) -> None:
+def test_get_entry_is_one_lookup(cache: LocalStore) -> None:
     """Arrays and metadata come from one index read, and count as one hit (or one miss)."""
     src, prod, kind = source(1), PRODUCERS[0], KINDS[0]
     want = expected_arrays(src, prod, kind)
@@ -147,7 +145,7 @@ def test_get_entry_is_one_lookup(cache: Cache) -> None:
     assert (stats.hits, stats.misses) == (2, 1)
 
 
-def test_replace_entry_removes_old_object(cache: Cache) -> None:
+def test_replace_entry_removes_old_object(cache: LocalStore) -> None:
     src = source(1)
     cache.put(src, "p@1", "k", {"a": np.arange(10)})
     cache.put(src, "p@1", "k", {"a": np.arange(20)})
@@ -157,7 +155,7 @@ def test_replace_entry_removes_old_object(cache: Cache) -> None:
     check_totals(cache.directory)
 
 
-def test_put_rejects_pickle_and_bad_names(cache: Cache) -> None:
+def test_put_rejects_pickle_and_bad_names(cache: LocalStore) -> None:
     with pytest.raises(TypeError):
         cache.put(source(1), "p@1", "k", {"a": np.array([{"x": 1}], dtype=object)})
     with pytest.raises(ValueError):
@@ -170,7 +168,7 @@ def test_put_rejects_pickle_and_bad_names(cache: Cache) -> None:
     assert object_files(cache.directory) == [] and temp_files(cache.directory) == []
 
 
-def test_directories_are_private(cache: Cache) -> None:
+def test_directories_are_private(cache: LocalStore) -> None:
     cache.put(source(1), "p@1", "k", {"a": np.zeros(1)})
     for d in [cache.directory, cache.directory / "objects", *(cache.directory / "objects").iterdir()]:
         assert d.stat().st_mode & 0o777 == 0o700, d
@@ -187,7 +185,7 @@ def test_sha256_file(tmp_path: Path) -> None:
     assert sha256_file(str(tmp_path / "empty")) == hashlib.sha256(b"").hexdigest()
 
 
-def test_threads_share_one_cache(cache: Cache) -> None:
+def test_threads_share_one_cache(cache: LocalStore) -> None:
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
@@ -217,14 +215,14 @@ def test_threads_share_one_cache(cache: Cache) -> None:
 # ---------------------------------------------------------------------------- corruption
 
 
-def test_flipped_bytes_are_detected(cache: Cache, caplog: pytest.LogCaptureFixture) -> None:
+def test_flipped_bytes_are_detected(cache: LocalStore, caplog: pytest.LogCaptureFixture) -> None:
     key = (source(1), PRODUCERS[0], KINDS[0])
     cache.put(*key, expected_arrays(*key))
     (obj,) = object_files(cache.directory)
     data = bytearray(obj.read_bytes())
     data[len(data) // 2] ^= 0xFF
     obj.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="voiced.cache"):
+    with caplog.at_level(logging.WARNING, logger="voiced.store"):
         assert cache.get(*key) is None
     assert "checksum mismatch" in caplog.text and str(obj) in caplog.text
     assert not cache.has(*key)
@@ -234,11 +232,11 @@ def test_flipped_bytes_are_detected(cache: Cache, caplog: pytest.LogCaptureFixtu
     check_totals(cache.directory)
 
 
-def test_missing_object_is_a_miss(cache: Cache, caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_object_is_a_miss(cache: LocalStore, caplog: pytest.LogCaptureFixture) -> None:
     key = (source(1), PRODUCERS[0], KINDS[0])
     cache.put(*key, expected_arrays(*key))
     object_files(cache.directory)[0].unlink()
-    with caplog.at_level(logging.WARNING, logger="voiced.cache"):
+    with caplog.at_level(logging.WARNING, logger="voiced.store"):
         assert cache.get(*key) is None
     assert "missing" in caplog.text
     assert not cache.has(*key)
@@ -248,9 +246,9 @@ def test_missing_object_is_a_miss(cache: Cache, caplog: pytest.LogCaptureFixture
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_index_is_replaced(tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
     d = tmp_path / "cache"
-    with Cache(d) as c:
+    with LocalStore(d) as c:
         for i in range(50):  # enough rows for a multi-page database
-            c.record_file(FileRecord(f"voice{i}.wav", i, i, i, source(i)))
+            c.hold("host:/voices", [source(i)])
             c.put(source(i), "p@1", "k", {"a": np.full(10, i)}, {"i": i})
     index = d / "index.sqlite"
     assert not (d / "index.sqlite-wal").exists()  # checkpointed on close
@@ -259,10 +257,10 @@ def test_corrupt_index_is_replaced(tmp_path: Path, damage: str, caplog: pytest.L
     else:
         with open(index, "r+b") as f:
             f.truncate(index.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger="voiced.cache"), Cache(d) as c:
+    with caplog.at_level(logging.WARNING, logger="voiced.store"), LocalStore(d) as c:
         assert "corrupt" in caplog.text
         assert c.get(source(1), "p@1", "k") is None
-        assert c.file_records() == {}
+        assert c.holders(source(1)) == []
         c.put(source(1), "p@1", "k", {"a": np.arange(3)})
         np.testing.assert_array_equal(c.get(source(1), "p@1", "k")["a"], np.arange(3))
         assert c.collect_garbage(grace_s=1e9) == 50  # the old objects are orphans now
@@ -272,12 +270,12 @@ def test_corrupt_index_is_replaced(tmp_path: Path, damage: str, caplog: pytest.L
 
 def test_schema_version_mismatch_rebuilds(tmp_path: Path) -> None:
     d = tmp_path / "cache"
-    with Cache(d) as c:
+    with LocalStore(d) as c:
         c.put(source(1), "p@1", "k", {"a": np.arange(3)})
     with sqlite3.connect(d / "index.sqlite") as conn:
         conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with Cache(d) as c:
+    with LocalStore(d) as c:
         assert c.stats().entries == 0
         assert c.collect_garbage() == 1
         c.put(source(1), "p@1", "k", {"a": np.arange(3)})
@@ -290,7 +288,7 @@ CRASH_CHILD = """
 def main() -> None:
     directory, seed = sys.argv[1], int(sys.argv[2])
     rnd = random.Random(seed)
-    cache = Cache(directory, size_limit_bytes=60_000)
+    cache = LocalStore(directory, size_limit_bytes=60_000)
     print("ready", flush=True)
     while True:
         src = source(rnd.randrange(12))
@@ -299,11 +297,11 @@ def main() -> None:
         if op < 0.7:
             cache.put(*key, expected_arrays(*key), {"key": list(key)})
         elif op < 0.75:
-            cache.evict_source(src)
+            cache.evict(src)
         elif op < 0.85:
-            cache.record_file(FileRecord(src[:8] + ".wav", 1, 1, 1, src))
+            cache.hold("host:/voices", [src])
         elif op < 0.9:
-            cache.forget_file(src[:8] + ".wav")
+            cache.release("host:/voices", [src])
         elif op < 0.97:
             got = cache.get(*key)
             if got is not None:
@@ -335,7 +333,7 @@ def test_survives_sigkill(tmp_path: Path) -> None:
             child.kill()
             _, err = child.communicate()
         assert child.returncode == -signal.SIGKILL, err.decode()
-        with Cache(d, size_limit_bytes=60_000) as c:
+        with LocalStore(d, size_limit_bytes=60_000) as c:
             metas = 0
             for i in range(12):
                 for producer in PRODUCERS:
@@ -367,12 +365,12 @@ CONCURRENT_CHILD = """
 def main() -> None:
     directory, seed, n_sources, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     rnd = random.Random(seed)
-    cache = Cache(directory)
+    cache = LocalStore(directory)
     keys = [(source(i), p, k) for i in range(n_sources) for p in PRODUCERS[:1] for k in KINDS[:2]]
     rnd.shuffle(keys)
     for key in keys:
         cache.put(*key, expected_arrays(*key))
-        cache.record_file(FileRecord(key[0][:8] + ".wav", 1, 1, 1, key[0]))
+        cache.hold("host:/voices", [key[0]])
     ops = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -411,7 +409,7 @@ def test_two_processes(tmp_path: Path, n_sources: int) -> None:
         assert child.returncode == 0, err.decode()
         assert b"WARNING" not in err, err.decode()  # no entry was ever seen corrupt
         assert int(out) > 10
-    with Cache(d) as c:
+    with LocalStore(d) as c:
         for i in range(n_sources):
             for kind in KINDS[:2]:
                 key = (source(i), PRODUCERS[0], kind)
@@ -425,64 +423,84 @@ def test_two_processes(tmp_path: Path, n_sources: int) -> None:
 # ---------------------------------------------------------------------------- eviction
 
 
-def test_grace_period_and_rename(cache: Cache) -> None:
-    a, b = source(1), source(2)
-    cache.record_files([FileRecord("a.wav", 10, 1, 100, a), FileRecord("b.wav", 20, 2, 200, b)])
-    for src in (a, b):
-        cache.put(src, PRODUCERS[0], KINDS[0], {"x": np.zeros(4)})
-        cache.put(src, PRODUCERS[1], KINDS[1], {"x": np.ones(4)})
-    assert cache.collect_garbage(grace_s=0.0) == 0  # both referenced
-
-    cache.forget_file("a.wav")
-    assert cache.collect_garbage(grace_s=3600.0) == 0  # within grace: kept
-    assert len(cache.entries_for(a)) == 2
-
-    # Rename b.wav -> sub/c.wav: delete then create with the same content.
-    cache.forget_file("b.wav")
-    cache.record_file(FileRecord("sub/c.wav", 20, 3, 201, b))
-
-    assert cache.collect_garbage(grace_s=0.0) == 2  # a's two entries go; b's stay
-    assert cache.entries_for(a) == []
-    assert len(cache.entries_for(b)) == 2
-    assert cache.get(b, PRODUCERS[0], KINDS[0]) is not None
-    assert set(cache.file_records()) == {"sub/c.wav"}
-    assert len(object_files(cache.directory)) == 2
-    check_totals(cache.directory)
-
-
-def test_grace_counts_from_forget(cache: Cache) -> None:
+def test_grace_counts_from_release(cache: LocalStore) -> None:
     a = source(1)
-    cache.record_file(FileRecord("a.wav", 1, 1, 1, a))
+    cache.hold("h", [a])
     cache.put(a, "p@1", "k", {"x": np.zeros(1)})
-    cache.forget_file("a.wav")
+    assert cache.collect_garbage(grace_s=0.0) == 0  # held
+    cache.release("h", [a])
     time.sleep(0.3)
     assert cache.collect_garbage(grace_s=10.0) == 0
     assert cache.collect_garbage(grace_s=0.2) == 1
 
 
-def test_changed_content_releases_old_hash(cache: Cache) -> None:
-    old, new = source(1), source(2)
-    cache.record_file(FileRecord("a.wav", 1, 1, 1, old))
-    cache.put(old, "p@1", "k", {"x": np.zeros(1)})
-    cache.record_file(FileRecord("a.wav", 2, 2, 1, new))  # the file was edited in place
-    cache.put(new, "p@1", "k", {"x": np.ones(1)})
+def test_content_goes_when_its_last_holder_lets_go(cache: LocalStore) -> None:
+    """Two daemons sharing one store: what one releases stays while the other holds it."""
+    a, b = source(1), source(2)
+    cache.hold("host1:/voices", [a, b])
+    cache.hold("host2:/voices", [b])
+    for src in (a, b):
+        cache.put(src, "p@1", "k", {"x": np.zeros(1)})
+    cache.release("host1:/voices", [a, b])
+    assert cache.holders(b) == ["host2:/voices"] and cache.holders(a) == []
     assert cache.collect_garbage(grace_s=0.0) == 1
-    assert not cache.has(old, "p@1", "k") and cache.has(new, "p@1", "k")
+    assert not cache.has(a, "p@1", "k") and cache.has(b, "p@1", "k")
 
 
-def test_unrecorded_source_is_collected_after_grace(cache: Cache) -> None:
+def test_retain_makes_the_holds_exact(cache: LocalStore) -> None:
+    for i in range(4):
+        cache.put(source(i), "p@1", "k", {"x": np.zeros(1)})
+    cache.hold("h", [source(0), source(1)])
+    cache.hold("other", [source(3)])
+    cache.retain("h", [source(1), source(2)])
+    assert [cache.holders(source(i)) for i in range(4)] == [[], ["h"], ["h"], ["other"]]
+    assert cache.collect_garbage(grace_s=0.0) == 1
+    assert [cache.has(source(i), "p@1", "k") for i in range(4)] == [False, True, True, True]
+    cache.retain("h", [])
+    assert cache.holders(source(1)) == []
+    assert isinstance(cache, ArtifactStore)
+
+
+def test_a_version_1_index_keeps_its_entries(tmp_path: Path) -> None:
+    """An index from before the holds (file records in the store) is migrated: entries stay,
+    the records go (the library keeps its own now), and nothing is collected within the grace."""
+    d = tmp_path / "cache"
+    with LocalStore(d) as c:
+        c.put(source(1), "p@1", "k", {"x": np.arange(3)})
+    conn = sqlite3.connect(d / "index.sqlite")
+    with conn:
+        conn.execute("DROP TABLE holds")
+        conn.execute("CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, "
+                     "inode INTEGER NOT NULL, sha256 TEXT NOT NULL, last_seen REAL NOT NULL) WITHOUT ROWID")
+        conn.execute("INSERT INTO files VALUES ('a.wav', 1, 1, 1, ?, 0)", (source(1),))
+        conn.execute("UPDATE unreferenced SET since = 0 WHERE source = ?", (source(1),))  # long past its grace
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with LocalStore(d) as c:
+        np.testing.assert_array_equal(c.get(source(1), "p@1", "k")["x"], np.arange(3))
+        assert c.collect_garbage(grace_s=3600.0) == 0
+        c.hold("h", [source(1)])
+        assert c.collect_garbage(grace_s=0.0) == 0
+    with sqlite3.connect(d / "index.sqlite") as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == cache_mod.SCHEMA_VERSION
+    conn.close()
+    assert "files" not in tables and "holds" in tables
+
+
+def test_unrecorded_source_is_collected_after_grace(cache: LocalStore) -> None:
     # e.g. `voiced embed FILE` for a file outside the voices folder
     cache.put(source(9), "p@1", "k", {"x": np.zeros(1)})
     assert cache.collect_garbage(grace_s=3600.0) == 0
     assert cache.collect_garbage(grace_s=0.0) == 1
 
 
-def test_evict_source(cache: Cache) -> None:
+def test_evict(cache: LocalStore) -> None:
     for kind in KINDS:
         cache.put(source(1), "p@1", kind, {"x": np.zeros(2)})
     cache.put(source(2), "p@1", "k", {"x": np.zeros(2)})
-    assert cache.evict_source(source(1)) == 3
-    assert cache.evict_source(source(1)) == 0
+    assert cache.evict(source(1)) == 3
+    assert cache.evict(source(1)) == 0
     assert cache.entries_for(source(1)) == []
     assert len(object_files(cache.directory)) == 1
     check_totals(cache.directory)
@@ -491,62 +509,28 @@ def test_evict_source(cache: Cache) -> None:
 def test_size_limit_evicts_lru(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_mod, "ACCESS_TOUCH_INTERVAL_S", 0.0)  # record every access
     payload = {"x": np.zeros(1000, np.float64)}  # ~8.3 KB per object
-    with Cache(tmp_path / "cache") as probe:
+    with LocalStore(tmp_path / "cache") as probe:
         probe.put(source(0), "p@1", "k", payload)
         entry_size = probe.stats().bytes
-    with Cache(tmp_path / "limited", size_limit_bytes=3 * entry_size) as c:
+    with LocalStore(tmp_path / "limited", size_limit_bytes=3 * entry_size) as c:
         for i in (1, 2, 3):
-            c.record_file(FileRecord(f"{i}.wav", 1, 1, i, source(i)))
+            c.hold("h", [source(i)])
             c.put(source(i), "p@1", "k", payload)
             time.sleep(0.01)
         assert c.get(source(1), "p@1", "k") is not None  # 1 is now the most recent
         time.sleep(0.01)
-        c.record_file(FileRecord("4.wav", 1, 1, 4, source(4)))
+        c.hold("h", [source(4)])
         c.put(source(4), "p@1", "k", payload)
         assert [c.has(source(i), "p@1", "k") for i in (1, 2, 3, 4)] == [True, False, True, True]
         assert c.stats().bytes <= 3 * entry_size
 
-        # Content no file refers to goes first, even if more recently used.
-        c.forget_file("4.wav")
+        # Content nobody holds goes first, even if more recently used.
+        c.release("h", [source(4)])
         c.put(source(5), "p@1", "k", payload)
         assert not c.has(source(4), "p@1", "k")
         assert [c.has(source(i), "p@1", "k") for i in (1, 3, 5)] == [True, True, True]
         assert len(object_files(c.directory)) == 3
         check_totals(c.directory)
-
-
-# ---------------------------------------------------------------------------- file records
-
-
-def test_file_records_roundtrip_and_forget(cache: Cache) -> None:
-    records = [FileRecord(f"dir/v{i}.wav", i * 1000, 1_700_000_000_000_000_000 + i, i, source(i)) for i in range(10_000)]
-    cache.record_files(records)
-    # how long these take is bench/bench_cache.py's figure, not a test's: it depends on the machine
-    assert cache.file_records() == {r.path: r for r in records}
-    cache.forget_files(f"dir/v{i}.wav" for i in range(0, 10_000, 2))
-    cache.forget_file("not/recorded.wav")
-    assert len(cache.file_records()) == 5_000
-    # Updating a record replaces it.
-    cache.record_file(FileRecord("dir/v1.wav", 5, 6, 7, source(0)))
-    assert cache.file_records()["dir/v1.wav"] == FileRecord("dir/v1.wav", 5, 6, 7, source(0))
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    st.dictionaries(
-        st.text(min_size=1, max_size=30),
-        st.tuples(
-            st.integers(0, 2**63 - 1), st.integers(-(2**62), 2**63 - 1), st.integers(0, 2**64 - 1),
-            st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
-        ),
-        max_size=20,
-    )
-)
-def test_file_records_any_values(tmp_path_factory: pytest.TempPathFactory, data: dict) -> None:
-    records = {p: FileRecord(p, *v) for p, v in data.items()}
-    with Cache(tmp_path_factory.mktemp("c")) as c:
-        c.record_files(records.values())
-        assert c.file_records() == records
 
 
 # ---------------------------------------------------------------------------- filesystem errors
@@ -557,25 +541,25 @@ def test_objects_path_is_a_file(tmp_path: Path) -> None:
     d.mkdir()
     (d / "objects").write_text("not a directory")
     with pytest.raises(CacheError, match=str(d / "objects")):
-        Cache(d)
+        LocalStore(d)
 
 
 def test_cache_dir_under_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(CacheError, match="cannot create cache directory"):
-        Cache(tmp_path / "file" / "cache")
+        LocalStore(tmp_path / "file" / "cache")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_dir(tmp_path: Path) -> None:
     d = tmp_path / "cache"
-    with Cache(d) as c:
+    with LocalStore(d) as c:
         c.put(source(1), "p@1", "k", {"x": np.zeros(1)})
     for sub in (d / "objects").iterdir():
         sub.chmod(0o500)
     (d / "objects").chmod(0o500)
     try:
-        with Cache(d) as c:
+        with LocalStore(d) as c:
             with pytest.raises(CacheError, match="objects"):
                 c.put(source(2), "p@1", "k", {"x": np.zeros(1)})
             assert c.get(source(1), "p@1", "k") is not None
@@ -588,7 +572,7 @@ def test_read_only_dir(tmp_path: Path) -> None:
 DISK_FULL_CHILD = """
 import resource, signal
 def main() -> None:
-    cache = Cache(sys.argv[1])
+    cache = LocalStore(sys.argv[1])
     cache.put(source(1), "p@1", "k", {"x": np.arange(10)}, {"v": 1})
     # Simulate a full disk: writes past 256 KiB fail with EFBIG instead of killing us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -615,7 +599,7 @@ def test_disk_full_leaves_previous_state(tmp_path: Path) -> None:
     lines = proc.stdout.decode().splitlines()
     assert len(lines) == 2 and all(line.startswith("CacheError: cannot write cache object") for line in lines), lines
     assert str(d / "objects") in lines[0]
-    with Cache(d) as c:
+    with LocalStore(d) as c:
         np.testing.assert_array_equal(c.get(source(1), "p@1", "k")["x"], np.arange(10))
         assert c.get_meta(source(1), "p@1", "k") == {"v": 1}
         assert not c.has(source(2), "p@1", "k")
@@ -624,26 +608,26 @@ def test_disk_full_leaves_previous_state(tmp_path: Path) -> None:
 
 
 def test_closed_cache_raises(tmp_path: Path) -> None:
-    c = Cache(tmp_path / "cache")
+    c = LocalStore(tmp_path / "cache")
     c.close()
     c.close()
     with pytest.raises(CacheError, match="closed"):
         c.get(source(1), "p@1", "k")
 
 
-def test_objects_dir_wiped_while_open(cache: Cache, caplog: pytest.LogCaptureFixture) -> None:
+def test_objects_dir_wiped_while_open(cache: LocalStore, caplog: pytest.LogCaptureFixture) -> None:
     import shutil
 
     cache.put(source(1), "p@1", "k", {"x": np.zeros(1)})
     shutil.rmtree(cache.directory / "objects")
-    with caplog.at_level(logging.WARNING, logger="voiced.cache"):
+    with caplog.at_level(logging.WARNING, logger="voiced.store"):
         assert cache.get(source(1), "p@1", "k") is None
     cache.put(source(1), "p@1", "k", {"x": np.ones(1)})
     np.testing.assert_array_equal(cache.get(source(1), "p@1", "k")["x"], np.ones(1))
     assert (cache.directory / "objects").stat().st_mode & 0o777 == 0o700
 
 
-def test_connections_of_finished_threads_are_closed(cache: Cache) -> None:
+def test_connections_of_finished_threads_are_closed(cache: LocalStore) -> None:
     def work() -> None:
         cache.has(source(1), "p@1", "k")
 
@@ -652,12 +636,12 @@ def test_connections_of_finished_threads_are_closed(cache: Cache) -> None:
         t.start()
         t.join()
     work()
-    assert len(cache._conns) <= 2  # this thread's and at most the last worker's
+    assert len(cache._index._conns) <= 2  # this thread's and at most the last worker's
 
 
 def test_processes_opening_a_fresh_cache_at_once(tmp_path: Path) -> None:
     """The first open switches the index to WAL; processes racing for that must all succeed."""
-    code = "import sys; from voiced.cache import Cache; Cache(sys.argv[1]).close()"
+    code = "import sys; from voiced.store import LocalStore; LocalStore(sys.argv[1]).close()"
     for round_ in range(6):
         directory = tmp_path / f"round{round_}"
         children = [
