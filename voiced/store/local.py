@@ -58,6 +58,16 @@ TEMP_FILE_MAX_AGE_S = 60.0
 #: A hit refreshes the entry's LRU timestamp only if it is older than this (saves a write per get).
 ACCESS_TOUCH_INTERVAL_S = 60.0
 
+_HOLDS = """
+-- Who refers to which content: a holder is one user of the store (a daemon's voice library).
+CREATE TABLE holds (
+    holder TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (holder, source)
+) WITHOUT ROWID;
+CREATE INDEX holds_by_source ON holds (source);
+"""
+
 _SCHEMA = """
 CREATE TABLE entries (
     source        TEXT    NOT NULL,
@@ -71,14 +81,7 @@ CREATE TABLE entries (
     last_access   REAL    NOT NULL,
     PRIMARY KEY (source, producer, kind)
 );
--- Who refers to which content: a holder is one user of the store (a daemon's voice library).
-CREATE TABLE holds (
-    holder TEXT NOT NULL,
-    source TEXT NOT NULL,
-    PRIMARY KEY (holder, source)
-) WITHOUT ROWID;
-CREATE INDEX holds_by_source ON holds (source);
--- Sources (content hashes) with entries that no holder holds, and since when.
+""" + _HOLDS + """-- Sources (content hashes) with entries that no holder holds, and since when.
 CREATE TABLE unreferenced (
     source TEXT PRIMARY KEY,
     since  REAL NOT NULL
@@ -107,13 +110,7 @@ _MIGRATIONS: dict[int, str] = {
     # The folder's file records moved to the library (library/files.py), which holds what they
     # refer to; until a library says so at its next start, content is unheld: its grace clock
     # starts then, at the first collection, so nothing goes before the library is back.
-    1: """
-CREATE TABLE holds (
-    holder TEXT NOT NULL,
-    source TEXT NOT NULL,
-    PRIMARY KEY (holder, source)
-) WITHOUT ROWID;
-CREATE INDEX holds_by_source ON holds (source);
+    1: _HOLDS + """
 DROP TABLE files;
 DELETE FROM unreferenced;
 """,
