@@ -2,7 +2,8 @@
 judged by a model it never sees.
 
     python bench/probe_gradient_fit.py [--steps 16] [--speakers allison,carlo,june]
-        [--weights ge2e=1,ltas=1,f0=1,prior=0.02] [--texts 3] [--eval-at 4,8] [--wer]
+        [--weights ge2e=1,ltas=1,f0=1,prior=0.02] [--texts 7] [--eval-at 4,8]
+        [--set CROP_S=1.5,CROPS_PER_STEP=4,NOISE_SNR_DB=25:40,lr.offset=0.08] [--wer]
 
 Each speaker's quick voice is refined by ``StyleFitter.refine(method="gradient")`` with
 ``--steps`` steps, its objective's weights set by ``--weights`` (a view left out weighs 0) and
@@ -44,14 +45,23 @@ def main() -> int:
     ap.add_argument("--speakers", default=",".join(SPEAKERS))
     ap.add_argument("--weights", default=",".join(f"{k}={v:g}" for k, v in gradfit.WEIGHTS.items()))
     ap.add_argument("--texts", type=int, default=gradfit.TUNING_SENTENCES, help="tuning sentences beside the calibration one")
+    ap.add_argument("--set", default="", help="gradfit constants and learning rates, e.g. CROP_S=1.5,lr.offset=0.12")
     ap.add_argument("--wer", action="store_true")
     args = ap.parse_args()
+    for name, value in (kv.split("=") for kv in args.set.split(",") if kv):
+        if name.startswith("lr."):
+            gradfit.LEARNING_RATES[name[3:]] = float(value)
+        elif isinstance(getattr(gradfit, name), tuple):
+            setattr(gradfit, name, tuple(float(v) for v in value.split(":")))
+        else:
+            setattr(gradfit, name, type(getattr(gradfit, name))(float(value)))
     weights = {k: float(v) for k, v in (kv.split("=") for kv in args.weights.split(","))}
     gradfit.WEIGHTS.update({k: weights.get(k, 0.0) for k in gradfit.WEIGHTS})
     gradfit.TUNING_SENTENCES = args.texts
     counts = sorted({*(int(n) for n in args.eval_at.split(",") if n), args.steps})
     print(describe(), flush=True)
-    print(f"weights {gradfit.WEIGHTS}, {args.texts} tuning sentences, judged after {counts} steps", flush=True)
+    print(f"weights {gradfit.WEIGHTS}, {args.texts} tuning sentences, judged after {counts} steps; "
+          f"{gradfit.CROPS_PER_STEP} windows of {gradfit.CROP_S} s a step, learning rates {gradfit.LEARNING_RATES}", flush=True)
     clips = {p.name.rsplit(".", 1)[0]: load_audio(p, 16_000).samples
              for p in sorted((TESTDATA / "voices").iterdir()) if p.suffix in (".wav", ".flac", ".ogg")}
     ge2e = SpeakerEncoder(device="cpu")
