@@ -17,7 +17,7 @@ import os
 import stat as statmod
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -32,6 +32,7 @@ from voiced.engines.base import Conditioning, Engine
 from voiced.errors import AudioError, CacheError
 from voiced.fsutil import sha256_file
 from voiced.library.files import FileRecord, FileRecords, holder_name
+from voiced.library.results import NOT_CACHED, Results
 from voiced.library.voice import Voice, VoiceState, is_candidate, normalize_name, undecodable, voice_name
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,7 @@ class Library:
         self.engine = engine
         self.preprocess = preprocess
         self.stage_budget_s = stage_budget_s
-        self.hot_voices = hot_voices
-        self._hot: OrderedDict[tuple[str, str, str], Conditioning] = OrderedDict()
+        self.results = Results(cache, hot_voices)
         self.listeners: list[VoiceListener] = list(listeners)
         self.encoder_producer = f"{encoder.model_id}@{encoder.version}"
         self.embedding_kind = embedding_kind(preprocess, config.max_duration_s)
@@ -122,9 +122,6 @@ class Library:
         self._stopping = False
         self._busy_path: str | None = None
         self._root_real = os.path.realpath(self.root)
-        # results published but not yet stored (or not storable: cache full or read-only)
-        self._unsaved: dict[tuple[str, str, str], tuple[Mapping[str, np.ndarray], Mapping[str, Any]]] = {}
-        self._unstorable: set[tuple[str, str, str]] = set()  # of those, the ones whose put failed
         self._unrecorded: dict[str, FileRecord] = {}  # file records the cache refused, by path
         self._external_demand: Callable[[], bool] = lambda: False
         self._told_undecodable: set[str] = set()
@@ -163,7 +160,7 @@ class Library:
         voice = self.get(name)
         if voice is None or voice.sha256 is None or voice.state is not VoiceState.READY:
             return None
-        arrays = self._lookup(voice.sha256, self.encoder_producer, self.embedding_kind)
+        arrays = self.results.arrays((voice.sha256, self.encoder_producer, self.embedding_kind))
         return None if arrays is None else arrays["embedding"]
 
     def conditioning(self, name: str) -> tuple[str, Mapping[str, np.ndarray]] | None:
@@ -201,26 +198,7 @@ class Library:
             self._changed.notify_all()
 
     def _conditioning(self, sha: str, stage: str) -> Conditioning | None:
-        key = (sha, self.engine_producer or "", stage)
-        with self._lock:
-            unsaved = self._unsaved.get(key)
-            hot = self._hot.get(key)
-            if hot is not None:
-                self._hot.move_to_end(key)
-                return hot
-        if unsaved is not None:
-            return Conditioning.from_npz(unsaved[0], unsaved[1])
-        entry = self.cache.get_entry(*key)
-        if entry is None:
-            return None
-        conditioning = Conditioning.from_npz(*entry)
-        # the voices being spoken stay in memory: reading and verifying a style pack from disk
-        # costs milliseconds, which every request would otherwise pay
-        with self._lock:
-            self._hot[key] = conditioning
-            while len(self._hot) > self.hot_voices:
-                self._hot.popitem(last=False)
-        return conditioning
+        return self.results.conditioning((sha, self.engine_producer or "", stage))
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until ``predicate()`` holds (re-checked at every state change) or the timeout."""
@@ -470,15 +448,14 @@ class Library:
         return outcome
 
     def _ready_from_cache_locked(self, voice: Voice, sha: str) -> bool:
-        unsaved = self._unsaved.get((sha, self.encoder_producer, self.embedding_kind))
-        meta = unsaved[1] if unsaved else self.cache.get_meta(sha, self.encoder_producer, self.embedding_kind)
+        meta = self.results.meta((sha, self.encoder_producer, self.embedding_kind))
         if meta is None:
             return False
         stage = None
         if self.engine is not None:
             for candidate in self.engine.stages:
                 key = (sha, self.engine_producer or "", candidate)
-                if key in self._unsaved or self.cache.has(*key):
+                if self.results.has(key):
                     stage = candidate
             if stage is None:
                 return False
@@ -683,13 +660,11 @@ class Library:
 
         # published first, stored right after: the voice is usable without waiting for the
         # cache's fsyncs, and lookups see the results in memory until they are on disk
-        with self._lock:
-            for kind, producer, arrays, extra in results:
-                self._unsaved[(sha, producer, kind)] = (arrays, extra)
+        self.results.publish(sha, results)
         done = self._commit(path, gen, ready)
         if done is None:
             log.info("%s changed while being prepared; result discarded", path)
-            self._flush(sha, results)
+            self.results.store_published(sha, results)
             return
         log.info(
             "voice ready: %s (%.1fs of audio, embedded in %.0f ms)%s",
@@ -697,7 +672,7 @@ class Library:
             extra={"voice": done.name},
         )
         self._emit("ready", done.to_dict())
-        problem = self._flush(sha, results)
+        problem = self.results.store_published(sha, results)
         if problem:
             self._commit(path, gen, lambda v: setattr(v, "note", f"{v.note}; {problem}" if v.note else problem))
         self._queue_background_if_needed(path)
@@ -712,7 +687,7 @@ class Library:
         start = stages.index(snap.stage) + 1 if snap.stage in stages else 0
         if start >= len(stages):
             return
-        arrays = self._lookup(sha, self.encoder_producer, self.embedding_kind)
+        arrays = self.results.arrays((sha, self.encoder_producer, self.embedding_kind))
         previous = self._conditioning(sha, stages[start - 1]) if start else None
         if arrays is None:
             self._enqueue_urgent_again(path)
@@ -803,9 +778,10 @@ class Library:
             log.debug("stage %s of %s gave way to more urgent work", stage, path)
             return
         meta = dict(getattr(conditioning, "meta", {}))
-        with self._lock:  # as for the first stage: usable from memory if the cache refuses it
-            self._unsaved[(sha, self.engine_producer or "", stage)] = (conditioning, meta)
-        self._flush(sha, [(stage, self.engine_producer or "", conditioning, meta)])
+        # as for the first stage: usable from memory if the cache refuses it
+        result = [(stage, self.engine_producer or "", conditioning, meta)]
+        self.results.publish(sha, result)
+        self.results.store_published(sha, result)
         done = self._commit(path, gen, lambda v: setattr(v, "stage", stage))
         if done is None:
             return
@@ -849,27 +825,6 @@ class Library:
             with self._lock:
                 self._unrecorded.pop(path, None)
 
-    def _flush(self, sha: str, results: list[tuple[str, str, Mapping[str, np.ndarray], Mapping[str, Any]]]) -> str | None:
-        """Store results in the cache; a full or read-only cache costs a recomputation later, nothing now.
-
-        What could not be stored stays in memory (it is small) and keeps the voice usable.
-        Returns a note for the voice when something could not be stored.
-        """
-        problem = None
-        for kind, producer, arrays, meta in results:
-            try:
-                self.cache.put(sha, producer, kind, arrays, meta)
-            except CacheError as exc:
-                log.error("cannot cache %s for %s: %s", kind, sha[:12], exc)
-                problem = f"{NOT_CACHED} ({exc})"
-                with self._lock:
-                    self._unstorable.add((sha, producer, kind))
-                continue
-            with self._lock:
-                self._unsaved.pop((sha, producer, kind), None)
-                self._unstorable.discard((sha, producer, kind))
-        return problem
-
     def retry_unsaved(self) -> int:
         """Store results a full or read-only cache refused earlier; how many are stored now.
 
@@ -877,8 +832,7 @@ class Library:
         a restart. Results of content no voice has any more are dropped from memory instead.
         """
         with self._lock:
-            keys = sorted(self._unstorable)
-            present = {v.sha256 for v in self._voices.values()}
+            present = {v.sha256 for v in self._voices.values() if v.sha256 is not None}
             # file records first: without one, stored content would count as unreferenced
             records = [r for p, r in self._unrecorded.items()
                        if (v := self._voices.get(p)) is not None and v.sha256 == r.sha256]
@@ -892,38 +846,16 @@ class Library:
                     for r in records:
                         self._unrecorded.setdefault(r.path, r)
                 return 0
-        stored = 0
-        for key in keys:
+        stored, done = self.results.retry(present)
+        if done:
             with self._lock:
-                item = self._unsaved.get(key)
-                if item is None or key[0] not in present:
-                    self._unsaved.pop(key, None)
-                    self._unstorable.discard(key)
-                    continue
-            try:
-                self.cache.put(*key, item[0], item[1])
-            except CacheError as exc:
-                log.debug("still cannot cache %s for %s: %s", key[2], key[0][:12], exc)
-                break  # the cache is still refusing: try again next time
-            stored += 1
-            with self._lock:
-                self._unsaved.pop(key, None)
-                self._unstorable.discard(key)
-                if not any(k[0] == key[0] for k in self._unstorable):
-                    for voice in self._voices.values():
-                        if voice.sha256 == key[0] and voice.note and NOT_CACHED in voice.note:
-                            kept = [part for part in voice.note.split("; ") if not part.startswith(NOT_CACHED)]
-                            voice.note = "; ".join(kept) or None
+                for voice in self._voices.values():
+                    if voice.sha256 in done and voice.note and NOT_CACHED in voice.note:
+                        kept = [part for part in voice.note.split("; ") if not part.startswith(NOT_CACHED)]
+                        voice.note = "; ".join(kept) or None
         if stored:
             log.info("stored %d prepared results the cache had refused earlier", stored)
         return stored
-
-    def _lookup(self, sha: str, producer: str, kind: str) -> Mapping[str, np.ndarray] | None:
-        with self._lock:
-            unsaved = self._unsaved.get((sha, producer, kind))
-        if unsaved is not None:
-            return unsaved[0]
-        return self.cache.get(sha, producer, kind)
 
     def _finish_failed(self, path: str, generation: int, reason: str) -> None:
         done = self._commit(path, generation, lambda v: self._fail_locked(v, reason))
@@ -931,8 +863,6 @@ class Library:
             log.warning("voice failed: %s: %s", done.name, reason, extra={"voice": done.name})
             self._emit("failed", done.to_dict())
 
-
-NOT_CACHED = "not cached"
 
 
 def _same_file(voice: Voice, st: os.stat_result) -> bool:
