@@ -80,24 +80,21 @@ class FileRecords:
         records = list(records)
         if not records:
             return
-        with self._lock:
-            self._record(records)
-
-    def _record(self, records: list[FileRecord]) -> None:
-        self.store.hold(self.holder, {r.sha256 for r in records})
         now = time.time()
         rows = [(self.holder, r.path, r.size, r.mtime_ns, db_int(r.inode), r.sha256, now) for r in records]
-        with self._db.write() as conn:
-            old = self._shas_of(conn, [r.path for r in records])
-            conn.executemany(
-                "INSERT INTO files (holder, path, size, mtime_ns, inode, sha256, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (holder, path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                "inode = excluded.inode, sha256 = excluded.sha256, last_seen = excluded.last_seen",
-                rows,
-            )
-            dropped = self._unreferenced(conn, set(old.values()) - {r.sha256 for r in records})
-        if dropped:
-            self.store.release(self.holder, dropped)
+        with self._lock:
+            self.store.hold(self.holder, {r.sha256 for r in records})
+            with self._db.write() as conn:
+                old = self._shas_of(conn, [r.path for r in records])
+                conn.executemany(
+                    "INSERT INTO files (holder, path, size, mtime_ns, inode, sha256, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (holder, path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                    "inode = excluded.inode, sha256 = excluded.sha256, last_seen = excluded.last_seen",
+                    rows,
+                )
+                dropped = self._unreferenced(conn, set(old.values()) - {r.sha256 for r in records})
+            if dropped:
+                self.store.release(self.holder, dropped)
 
     def forget(self, paths: Iterable[str]) -> None:
         """Forget deleted files; content no other of them has is released in the store."""
@@ -105,15 +102,12 @@ class FileRecords:
         if not paths:
             return
         with self._lock:
-            self._forget(paths)
-
-    def _forget(self, paths: list[str]) -> None:
-        with self._db.write() as conn:
-            old = self._shas_of(conn, paths)
-            conn.executemany("DELETE FROM files WHERE holder = ? AND path = ?", [(self.holder, p) for p in old])
-            dropped = self._unreferenced(conn, set(old.values()))
-        if dropped:
-            self.store.release(self.holder, dropped)
+            with self._db.write() as conn:
+                old = self._shas_of(conn, paths)
+                conn.executemany("DELETE FROM files WHERE holder = ? AND path = ?", [(self.holder, p) for p in old])
+                dropped = self._unreferenced(conn, set(old.values()))
+            if dropped:
+                self.store.release(self.holder, dropped)
 
     def sync(self) -> None:
         """Make the store's holds for this holder exactly the content of its records (after a
