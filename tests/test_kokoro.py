@@ -839,9 +839,9 @@ def test_background_refinement_pauses_for_requests_and_resumes(engine, allison, 
 def test_refinement_paused_too_long_is_set_aside_and_run_again(engine, allison, speaker_encoder, testdata_dir,
                                                                tmp_path, monkeypatch):
     """Past the pause limit the stage is abandoned, not stored half-done, and runs again afterwards."""
-    from voiced.library import library as library_module
+    from voiced.library import preparer
 
-    monkeypatch.setattr(library_module, "_MAX_PAUSE_S", 1.0)
+    monkeypatch.setattr(preparer, "_MAX_PAUSE_S", 1.0)
     fits, shown = _refine_under_demand(engine, speaker_encoder, testdata_dir, tmp_path, monkeypatch, hold_s=5.0)
     assert len(fits) == 2 and "stopped" in fits[0] and "stopped" not in fits[1], fits
     assert shown is None  # set aside: no stage runs while the requests still wait

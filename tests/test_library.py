@@ -526,15 +526,17 @@ def test_restart_reconciles_without_rehashing_unchanged_files(
     os.rename(folder.voices / "june_b.wav", folder.voices / "june_renamed.wav")
 
     hashed: list[str] = []
-    import voiced.library.library as library_module
+    import voiced.library.folder as folder_module
+    import voiced.library.preparer as preparer_module
 
-    real_sha = library_module.sha256_file
+    real_sha = folder_module.sha256_file
 
     def counting_sha(path: Any, *args: Any, **kwargs: Any) -> str:
         hashed.append(Path(path).name)
         return real_sha(path, *args, **kwargs)
 
-    monkeypatch.setattr(library_module, "sha256_file", counting_sha)
+    monkeypatch.setattr(folder_module, "sha256_file", counting_sha)  # a rescan hashes in bulk
+    monkeypatch.setattr(preparer_module, "sha256_file", counting_sha)  # the worker, what the rescan left
     folder.encoder.calls = 0
     folder.start()
     folder.wait_state("added", "ready")

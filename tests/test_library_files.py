@@ -145,3 +145,31 @@ def test_sync_heals_holds_lost_between_the_two_databases(store: LocalStore) -> N
     assert store.collect_garbage(grace_s=0.0) == 1
     assert store.has(source(1), "p@1", "k")
     files.close()
+
+
+def test_refused_records_are_kept_until_the_database_takes_them(store: LocalStore, monkeypatch) -> None:
+    """A full or read-only disk refuses a record: it is kept in memory and recorded by ``retry``,
+    unless its file changed meanwhile."""
+    from voiced.errors import CacheError
+
+    files = records_of(store)
+    refusing = True
+    real_hold = store.hold
+
+    def hold(holder: str, shas) -> None:
+        if refusing:
+            raise CacheError("no space left on device")
+        real_hold(holder, shas)
+
+    monkeypatch.setattr(store, "hold", hold)
+    kept = [FileRecord("a.wav", 1, 2, 3, source(1)), FileRecord("b.wav", 4, 5, 6, source(2))]
+    assert files.record_or_keep(kept) is False
+    assert files.all() == {}
+    assert files.retry(lambda r: True) is False  # still refused: still kept
+    refusing = False
+    assert files.retry(lambda r: r.path == "a.wav") is True  # b.wav changed meanwhile: dropped
+    assert files.all() == {"a.wav": kept[0]}
+    assert store.holders(source(1)) == ["host:/voices"] and store.holders(source(2)) == []
+    assert files.retry(lambda r: True) is True  # nothing left kept
+    assert files.all() == {"a.wav": kept[0]}
+    files.close()

@@ -14,17 +14,20 @@ whose content the store may collect.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from voiced.errors import CacheError
 from voiced.store import ArtifactStore
 from voiced.store.index import SqliteIndex, db_int, from_db_int, make_dir
 
+log = logging.getLogger(__name__)
 NAME = "files.sqlite"
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -68,6 +71,7 @@ class FileRecords:
         # one change at a time: a sync that read the records before a new one was written
         # would otherwise release the new content's hold right after it was taken
         self._lock = threading.Lock()
+        self._kept: dict[str, FileRecord] = {}  # records the database refused, by path, for ``retry``
 
     def all(self) -> dict[str, FileRecord]:
         """Every remembered file of the folder, by relative path."""
@@ -95,6 +99,43 @@ class FileRecords:
                 dropped = self._unreferenced(conn, set(old.values()) - {r.sha256 for r in records})
             if dropped:
                 self.store.release(self.holder, dropped)
+
+    def record_or_keep(self, records: Iterable[FileRecord]) -> bool:
+        """``record``; when the database refuses (full, read-only), keep the records in memory for
+        ``retry`` and say so in the log. Whether they are recorded now."""
+        records = list(records)
+        try:
+            self.record(records)
+        except CacheError as exc:
+            log.warning("cannot record %s in the file records: %s",
+                        records[0].path if len(records) == 1 else f"{len(records)} files", exc)
+            with self._lock:
+                self._kept.update((r.path, r) for r in records)
+            return False
+        with self._lock:
+            for r in records:
+                if self._kept.get(r.path) == r:
+                    del self._kept[r.path]
+        return True
+
+    def retry(self, valid: Callable[[FileRecord], bool]) -> bool:
+        """Record what the database refused earlier, of it what is still ``valid`` (the file still
+        has that content). Whether nothing is left kept."""
+        with self._lock:
+            kept = list(self._kept.values())
+            self._kept.clear()
+        kept = [r for r in kept if valid(r)]
+        if not kept:
+            return True
+        try:
+            self.record(kept)
+        except CacheError as exc:
+            log.debug("still cannot record files: %s", exc)
+            with self._lock:
+                for r in kept:
+                    self._kept.setdefault(r.path, r)
+            return False
+        return True
 
     def forget(self, paths: Iterable[str]) -> None:
         """Forget deleted files; content no other of them has is released in the store."""

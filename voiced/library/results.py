@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from voiced.engines.base import Conditioning
 from voiced.errors import CacheError
+from voiced.library.registry import Cached
 from voiced.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -132,3 +133,41 @@ class Results:
                 self._hot.popitem(last=False)
         return conditioning
 
+
+
+class Prepared:
+    """A content's prepared results under their keys: the speaker embedding (keyed by the
+    encoder and how it was computed), then each engine stage (keyed by the engine)."""
+
+    def __init__(self, results: Results, encoder: str, embedding_kind: str,
+                 engine: str | None, stages: Sequence[str]) -> None:
+        self.results = results
+        self.encoder, self.embedding_kind = encoder, embedding_kind
+        self.engine, self.stages = engine, tuple(stages)
+
+    def embedding_key(self, sha: str) -> Key:
+        return (sha, self.encoder, self.embedding_kind)
+
+    def stage_key(self, sha: str, stage: str) -> Key:
+        return (sha, self.engine or "", stage)
+
+    def embedding(self, sha: str) -> np.ndarray | None:
+        arrays = self.results.arrays(self.embedding_key(sha))
+        return None if arrays is None else arrays["embedding"]
+
+    def conditioning(self, sha: str, stage: str) -> Conditioning | None:
+        return self.results.conditioning(self.stage_key(sha, stage))
+
+    def cached(self, sha: str) -> Cached | None:
+        """What is there for ``sha`` to make its voice ready without preparing: the embedding
+        and, with an engine, at least its first stage (the furthest one reached counts)."""
+        meta = self.results.meta(self.embedding_key(sha))
+        if meta is None:
+            return None
+        stage = None
+        for candidate in self.stages:
+            if self.results.has(self.stage_key(sha, candidate)):
+                stage = candidate
+        if self.stages and stage is None:
+            return None
+        return Cached(stage, meta)
