@@ -60,8 +60,17 @@ def test_f0_track_on_the_test_speakers(testdata_dir):
     (an independent tracker, pYIN, puts the medians at 188-198 Hz)."""
     for name in ("allison_a.wav", "carlo_a.wav", "june_a.wav"):
         f0 = gradfit.f0_track(_read(testdata_dir, name))
-        assert len(f0) > 300, name  # of 1,197 frames, 40% of them left out as quiet
+        assert len(f0) > 300, name  # 370-820 frames of about 1,200 have a period
         assert 170 <= np.median(f0) <= 220, (name, np.median(f0))
+
+
+def test_f0_track_agrees_with_pyin_on_the_spread_the_fit_aims_at(testdata_dir):
+    """The fit pulls the voice's mean and spread of log F0 to the reference's: they must be the
+    speaker's, not the tracker's. pYIN (librosa 0.11, 60-500 Hz, ``bench/probe_f0_tracker.py``)
+    measures allison_a at 91.55 +- 3.71 semitones and june_a at 90.87 +- 3.96."""
+    for name, mean, spread in (("allison_a.wav", 91.55, 3.71), ("june_a.wav", 90.87, 3.96)):
+        st = gradfit.semitones(gradfit.f0_track(_read(testdata_dir, name)))
+        assert abs(st.mean() - mean) < 0.5 and abs(st.std() - spread) < 0.5, (name, st.mean(), st.std())
 
 
 def test_reference_bandwidth_sees_the_telephone(testdata_dir):
@@ -129,6 +138,27 @@ def test_a_step_hears_windows_of_every_sentence_in_turn(torch_engine, testdata_d
             frames = min(asr.shape[2], window)
             assert audio.shape[0] == frames * post.SAMPLE_RATE / a.frame_rate
             assert torch.isfinite(audio).all() and audio.square().mean().sqrt() > 0.01
+
+
+def test_the_mfcc_view_tells_the_speaker_from_another(torch_engine, testdata_dir, speaker_encoder, monkeypatch):
+    """The cepstral view is 0 for the reference itself and grows for another speaker's speech
+    through the same telephone channel more than for the speaker's own other recording."""
+    import torch
+
+    monkeypatch.setitem(gradfit.WEIGHTS, "mfcc", 1.0)
+    wav = _read(testdata_dir, "carlo_a.wav")
+    fitter = torch_engine.fitter()
+    fit = gradfit.GradientFit(torch_engine.backend.net, speaker_encoder, fitter.tokens,
+                              torch_engine.voices[torch_engine.default_voice], fitter._spread,
+                              speaker_encoder.embed(wav), post.band_powers(wav, RATE), wav)
+
+    def view(name: str) -> float:
+        with torch.no_grad():
+            return float(fit._mfcc_term(torch.tensor(_read(testdata_dir, name))))
+
+    assert view("carlo_a.wav") == pytest.approx(0.0, abs=1e-6)
+    own, other = view("carlo_b.ogg"), min(view("allison_a.wav"), view("june_a.wav"))
+    assert 0 < own < other, (own, other)
 
 
 @pytest.mark.slow

@@ -40,12 +40,14 @@ CROP_S = 2.0
 CONTEXT_FRAMES = 4  # decoded either side of a window and cut (100 ms)
 NOISE_SNR_DB = (25.0, 40.0)
 SEED = 0  # the windows and the noise: the same reference gives the same voice
-WEIGHTS = {"ge2e": 1.0, "ltas": 1.0, "f0": 1.0, "prior": 0.02}
+WEIGHTS = {"ge2e": 1.0, "ltas": 1.0, "f0": 1.0, "mfcc": 0.0, "prior": 0.02}
+MFCC = 20  # cepstra c1..c19 (c0, the level, left out) over 40 mel bands of the reference's channel
 LEARNING_RATES = {"offset": 0.08, "log_pitch": 0.01, "eq": 0.4}
 MIN_BAND_HZ, MAX_BAND_HZ = 3000.0, 7600.0
 CLIFF_DB = 20.0  # a band this far under the one before it is past the reference's channel
 ROLL_OFF_DB = 6.0  # ... and the band before that, if it already lies this far under its neighbour
 F0_RANGE_HZ = (60.0, 500.0)
+SILENCE = 1e-3  # a frame 30 dB under the loudest holds no voice to track
 
 
 def reference_bandwidth(ref_bands: np.ndarray) -> float:
@@ -61,27 +63,49 @@ def reference_bandwidth(ref_bands: np.ndarray) -> float:
     return float(np.clip(edge, MIN_BAND_HZ, MAX_BAND_HZ))
 
 
-def f0_track(audio16k: np.ndarray, frame: int = 640, hop: int = 160, threshold: float = 0.6) -> np.ndarray:
-    """F0 (Hz) of the voiced frames of 16 kHz speech, by normalised autocorrelation.
+def f0_track(audio16k: np.ndarray, window: int = 512, hop: int = 160, threshold: float = 0.15) -> np.ndarray:
+    """F0 (Hz) of the voiced frames of 16 kHz speech, by YIN (de Cheveigne and Kawahara, 2002).
 
-    A frame is voiced when its autocorrelation peak within F0_RANGE_HZ reaches ``threshold`` of
-    its energy and it is among the louder 60% of frames. Coarse (one-lag resolution, refined by
-    a parabola), but its mean and spread of log F0 are what the fit compares.
+    Per frame, the difference function over ``window`` samples, normalised by its running mean:
+    the first dip under ``threshold`` within F0_RANGE_HZ (then down to its minimum) is the
+    period, refined by a parabola. The first dip, not the deepest peak of the autocorrelation,
+    so a period's multiples do not win: an octave error counts 12 semitones in the spread the
+    fit compares. A frame is voiced when it has such a dip and is not silence (within SILENCE
+    of the loudest frame). Quiet frames count: phrase ends are quiet and low, and leaving them
+    out put the test speakers' mean 1 semitone above pYIN's (``bench/probe_f0_tracker.py``).
     """
     x = np.asarray(audio16k, np.float64)
-    if len(x) < frame:
+    lo, hi = int(16_000 / F0_RANGE_HZ[1]), int(16_000 / F0_RANGE_HZ[0]) + 1
+    length = window + hi + 1
+    if len(x) < length:
         return np.zeros(0)
-    lo, hi = int(16_000 / F0_RANGE_HZ[1]), int(16_000 / F0_RANGE_HZ[0])
-    idx = np.arange(frame)[None, :] + hop * np.arange(1 + (len(x) - frame) // hop)[:, None]
-    frames = x[idx] - x[idx].mean(axis=1, keepdims=True)
-    energy = (frames ** 2).sum(axis=1)
-    spec = np.fft.rfft(frames, 2 * frame, axis=1)
-    ac = np.fft.irfft(np.abs(spec) ** 2, axis=1)[:, : hi + 2]
-    ac = ac / np.maximum(ac[:, :1], 1e-12)
-    lag = lo + np.argmax(ac[:, lo:hi + 1], axis=1)
-    peak = ac[np.arange(len(lag)), lag]
-    voiced = (peak >= threshold) & (energy >= np.percentile(energy, 40))
-    a, b, c = ac[np.arange(len(lag)), lag - 1], peak, ac[np.arange(len(lag)), lag + 1]
+    starts = hop * np.arange(1 + (len(x) - length) // hop)
+    frames = x[starts[:, None] + np.arange(length)[None, :]]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    n = 1 << int(np.ceil(np.log2(length + window)))
+    # r(tau) = sum_j x_j x_{j+tau} over the window, for every lag at once
+    r = np.fft.irfft(np.conj(np.fft.rfft(frames[:, :window], n)) * np.fft.rfft(frames, n), n)[:, : hi + 2]
+    power = np.concatenate([np.zeros((len(frames), 1)), np.cumsum(frames ** 2, axis=1)], axis=1)
+    lags = np.arange(hi + 2)
+    shifted = power[:, lags + window] - power[:, lags]  # sum of x_{j+tau}^2 over the window
+    d = np.maximum(power[:, window:window + 1] + shifted - 2 * r, 0.0)
+    d[:, 0] = 0.0
+    running = np.cumsum(d[:, 1:], axis=1) / lags[1:]
+    cmnd = np.ones_like(d)
+    cmnd[:, 1:] = d[:, 1:] / np.maximum(running, 1e-12)
+    within = cmnd[:, lo:hi + 1]
+    below = within < threshold
+    first = np.where(below.any(axis=1), np.argmax(below, axis=1), np.argmin(within, axis=1))
+    lag = lo + first
+    for _ in range(hi - lo):  # from the first dip under the threshold down to its minimum
+        down = (lag < hi) & (cmnd[np.arange(len(lag)), np.minimum(lag + 1, hi + 1)] < cmnd[np.arange(len(lag)), lag])
+        if not down.any():
+            break
+        lag = lag + down
+    rows = np.arange(len(lag))
+    energy = power[:, window]
+    voiced = (cmnd[rows, lag] < threshold) & (energy > SILENCE * energy.max())
+    a, b, c = cmnd[rows, lag - 1], cmnd[rows, lag], cmnd[rows, np.minimum(lag + 1, hi + 1)]
     shift = 0.5 * (a - c) / np.where(np.abs(a - 2 * b + c) > 1e-12, a - 2 * b + c, 1.0)
     return 16_000 / (lag + np.clip(shift, -0.5, 0.5))[voiced]
 
@@ -123,6 +147,12 @@ class GradientFit:
         self.ltas_bands = np.flatnonzero(in_band)
         ref_db = 10 * np.log10(np.maximum(np.asarray(ref_bands, np.float64), 1e-20))[self.ltas_bands]
         self.ref_ltas = torch.tensor(ref_db - ref_db.mean(), dtype=torch.float32, device=self.device)
+        self.mel_dct = self._mel_dct()
+        self.ref_mfcc: tuple[Any, Any] | None = None
+        if reference is not None and WEIGHTS.get("mfcc", 0.0) > 0:
+            with torch.no_grad():
+                ceps = self._cepstra(torch.tensor(np.asarray(reference, np.float32), device=self.device))
+                self.ref_mfcc = ceps.mean(1), ceps.std(1).clamp_min(1e-3)
         self.ref_f0: tuple[float, float] | None = None
         if reference is not None:
             st = semitones(f0_track(reference))
@@ -223,6 +253,40 @@ class GradientFit:
         out = torch.stack(db)
         return out - out.mean()
 
+    def _mel_dct(self) -> tuple[Any, Any]:
+        """The matrix from a 512-point power spectrum at 16 kHz to MFCC cepstra c1..c(MFCC-1),
+        its mel bands spread from 100 Hz to the reference's bandwidth."""
+        def mel(hz: Any) -> Any:
+            return 2595 * np.log10(1 + np.asarray(hz) / 700)
+
+        edges = 700 * (10 ** (np.linspace(mel(100.0), mel(self.band_hz), 42) / 2595) - 1)
+        freqs = np.fft.rfftfreq(512, 1 / 16_000)
+        lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+        bank = np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
+        k = np.arange(40)
+        dct = np.cos(np.pi / 40 * (k[None, :] + 0.5) * np.arange(1, MFCC)[:, None]) * np.sqrt(2 / 40)
+        torch = self.torch
+        return (torch.tensor(dct, dtype=torch.float32, device=self.device),
+                torch.tensor(bank, dtype=torch.float32, device=self.device))
+
+    def _cepstra(self, audio16: Any) -> Any:
+        """MFCC c1..c(MFCC-1) of the louder 60% of 32 ms frames, (MFCC-1, frames)."""
+        torch = self.torch
+        dct, bank = self.mel_dct
+        spec = torch.stft(audio16, 512, 160, 512, window=torch.hann_window(512, device=self.device),
+                          center=False, return_complex=True)
+        power = spec.real ** 2 + spec.imag ** 2
+        energy = power.sum(0).detach()
+        loud = power[:, energy >= torch.quantile(energy, 0.4)]
+        return dct @ torch.log(bank @ loud + 1e-10)
+
+    def _mfcc_term(self, heard: Any) -> Any:
+        """The window's cepstral means and spreads against the reference's, in the reference's
+        spreads: the spectral envelope and how it moves, which a speaker carries in their voice."""
+        mu, sd = self.ref_mfcc  # type: ignore[misc]
+        ceps = self._cepstra(heard)
+        return ((ceps.mean(1) - mu) / sd).square().mean() / 4 + (ceps.std(1) / sd).log().square().mean()
+
     def _ge2e(self, audio16: Any) -> Any:
         ge2e = self.ge2e
         rms = audio16.square().mean().sqrt().clamp_min(1e-9)
@@ -240,8 +304,11 @@ class GradientFit:
         snr_db = float(self.rng.uniform(*NOISE_SNR_DB))
         noise = torch.from_numpy(self.rng.standard_normal(heard.shape[0]).astype(np.float32)).to(self.device)
         noisy = heard + noise * (heard.detach().square().mean().sqrt() * 10 ** (-snr_db / 20))
-        return {"ge2e": 1 - self._ge2e(noisy) @ self.target,
-                "ltas": (self._ltas(heard) - self.ref_ltas).square().mean() / 100}
+        terms = {"ge2e": 1 - self._ge2e(noisy) @ self.target,
+                 "ltas": (self._ltas(heard) - self.ref_ltas).square().mean() / 100}
+        if self.ref_mfcc is not None:
+            terms["mfcc"] = self._mfcc_term(heard)
+        return terms
 
     def _f0_term(self, curves: Sequence[Any]) -> Any | None:
         """Mean and spread of log F0 against the reference's, over the voiced frames of whole
