@@ -717,6 +717,37 @@ def test_plugin_folder_and_first_party_plugin(daemon: DaemonProcess, speaker: st
     assert ready and ready[0]["sha256"] == sha256_file(clips["allison_a"])
 
 
+def test_voices_watch_waits_for_a_file_still_being_written(tmp_path: Path, clips: dict[str, Path]) -> None:
+    """A file half copied is a voice to come: status counts it as settling, and the watch goes on
+    until it is complete and prepared, instead of ending with the voices it already has."""
+    daemon = DaemonProcess(tmp_path, {"voices": {"settle_s": 60.0}, "engine": {"refine_budget_s": 0.0}}).start()
+    try:
+        shutil.copyfile(clips["carlo_a"], daemon.voices / "carlo.wav")
+        daemon.wait_voice("carlo", lambda v: v is not None and v["state"] == "ready")
+        data = clips["allison_a"].read_bytes()
+        with open(daemon.voices / "allison.wav", "wb") as partial:
+            partial.write(data[: len(data) // 2])
+            partial.flush()
+            with Client(daemon.tcp) as client:
+                deadline = time.monotonic() + 60
+                while client.status()["settling"] != 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert client.status()["settling"] == 1
+            watch = [sys.executable, "-m", "voiced", "voices", "--watch", "--interval", "0.2", "--endpoint", daemon.tcp]
+            proc = subprocess.Popen(watch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert first.startswith("1/1 done: 1 ready (") and first.endswith(", 1 arriving\n"), first
+            time.sleep(1.0)
+            assert proc.poll() is None, "the watch ended while a file was still arriving"
+            partial.write(data[len(data) // 2:])
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (out, err)
+        assert out.splitlines()[-1].startswith("2/2 done: 2 ready ("), out
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_voices_watch_follows_a_drop_until_all_are_done(tmp_path: Path, clips: dict[str, Path]) -> None:
     """voiced voices --watch in a pipe: a line per change, then it exits; 1 with the failed voice named."""
     daemon = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0.0}}).start()

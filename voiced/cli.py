@@ -270,13 +270,17 @@ def _watch_voices(args: argparse.Namespace) -> int:
         with _client(args) as client:
             while True:
                 voices = client.voices()
+                # files still being written are voices to come: a watch started right after a copy
+                # must not end while the copy is still arriving
+                arriving = int(client.status().get("settling", 0) or 0)
                 states, stages = _tally(voices)
                 done = states.get("ready", 0) + states.get("failed", 0)
-                summary = _summary(states, stages)
+                summary = _summary(states, stages) + (f", {arriving} arriving" if arriving else "")
                 if args.json:
-                    line = json.dumps({"voices": len(voices), "states": states, "stages": stages})
+                    line = json.dumps({"voices": len(voices), "states": states, "stages": stages, "arriving": arriving})
                 else:
-                    line = f"{done}/{len(voices)} done: {summary}" if voices else "no voices yet"
+                    line = (f"{done}/{len(voices)} done: {summary}" if voices
+                            else f"no voices yet, {arriving} arriving" if arriving else "no voices yet")
                 if terminal and not args.json:
                     if bar is None:
                         bar = tqdm(total=len(voices), unit="voice", file=sys.stderr, dynamic_ncols=True)
@@ -286,7 +290,7 @@ def _watch_voices(args: argparse.Namespace) -> int:
                 elif line != last:
                     print(line, flush=True)
                 last = line
-                if voices and done == len(voices):
+                if voices and done == len(voices) and not arriving:
                     break
                 time.sleep(args.interval)
     finally:
@@ -374,7 +378,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"voiced {status.get('version')}  up {status.get('uptime_s', 0):.0f}s  pid {status.get('pid')}",
         f"model    {status.get('model')} on {status.get('device')}",
         "voices   " + ", ".join(f"{n} {k}" for k, n in voices.items()),
-        f"queue    {status.get('queue')} synthesis, {status.get('preparation_queue')} preparation",
+        f"queue    {status.get('queue')} synthesis, {status.get('preparation_queue')} preparation, "
+        f"{status.get('settling', 0)} files settling",
         f"requests {requests.get('served')} served, {requests.get('failed')} failed, {requests.get('busy')} busy; "
         f"p50 {requests.get('latency_p50_ms')} ms, p99 {requests.get('latency_p99_ms')} ms",
         f"memory   RSS {status.get('rss_bytes', 0) / 2**20:.0f} MiB, GPU {status.get('gpu_memory_bytes')}, "

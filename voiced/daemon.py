@@ -270,6 +270,8 @@ class Daemon:
             if self.encoder else None,
             "voices": self.library.counts(),
             "preparation_queue": self.library.queue_depth(),
+            # files still being written into the folder: voices to come
+            "settling": self.watcher.pending_settle() if self.watcher is not None else 0,
             "rss_bytes": memory.rss,
             "cpu_percent": self._process.cpu_percent(None),
             "gpu_memory_bytes": _gpu_memory(),
