@@ -39,7 +39,7 @@ from machine import describe  # noqa: E402
 from voiced.audio import load_audio  # noqa: E402
 from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
-from voiced.engines.kokoro.fitting import resample_24k_to_16k  # noqa: E402
+from voiced.engines.kokoro.post import resample_24k_to_16k  # noqa: E402
 
 SPEAKERS = ("allison", "carlo", "june")
 GAP_S = 0.25  # silence between the sentences joined into one utterance

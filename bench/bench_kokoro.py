@@ -32,7 +32,8 @@ from machine import describe  # noqa: E402
 from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
 from voiced.engines.kokoro.engine import IDLE_RELEASE_S, MAX_TOKENS  # noqa: E402
-from voiced.engines.kokoro.fitting import StyleFitter, resample_24k_to_16k  # noqa: E402
+from voiced.engines.kokoro.fitting import StyleFitter  # noqa: E402
+from voiced.engines.kokoro.post import resample_24k_to_16k  # noqa: E402
 
 RTF_TEXT = ("The old lighthouse keeper climbed the stairs every evening, lit the great lamp, "
             "and watched the ships pass safely through the narrow channel below.")

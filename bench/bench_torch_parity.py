@@ -27,7 +27,7 @@ from judges import Whisper, log_mel_distance, word_errors  # noqa: E402
 from machine import describe  # noqa: E402
 
 from voiced.engines.kokoro import KokoroEngine  # noqa: E402
-from voiced.engines.kokoro.fitting import resample_24k_to_16k  # noqa: E402
+from voiced.engines.kokoro.post import resample_24k_to_16k  # noqa: E402
 
 FRAME = 600  # samples per predicted duration frame at 24 kHz
 

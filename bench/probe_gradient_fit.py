@@ -35,7 +35,7 @@ from voiced.audio import load_audio  # noqa: E402
 from voiced.encoder import SpeakerEncoder  # noqa: E402
 from voiced.engines.base import Conditioning  # noqa: E402
 from voiced.engines.kokoro import KokoroEngine, gradfit  # noqa: E402
-from voiced.engines.kokoro.fitting import resample_24k_to_16k  # noqa: E402
+from voiced.engines.kokoro.post import resample_24k_to_16k  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

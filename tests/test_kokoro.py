@@ -15,7 +15,8 @@ from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, text, t
 from voiced.engines.kokoro import engine as kokoro_engine
 from voiced.engines.kokoro.backends import BACKENDS
 from voiced.engines.kokoro.engine import split_phonemes
-from voiced.engines.kokoro.fitting import CMAES, blend_weights, resample_24k_to_16k
+from voiced.engines.kokoro.fitting import CMAES, blend_weights
+from voiced.engines.kokoro.post import resample_24k_to_16k
 from voiced.fsutil import sha256_file
 
 

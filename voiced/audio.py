@@ -146,7 +146,7 @@ def _load(path: Path, sample_rate: int, max_duration_s: float | None) -> LoadedA
     if not np.isfinite(mono).all():
         raise AudioError(f"non-finite samples (NaN or infinity) in {path.name}")
     if src_rate != sample_rate:
-        mono = soxr.resample(mono, src_rate, sample_rate, quality=_RESAMPLE_QUALITY)
+        mono = resample(mono, src_rate, sample_rate)
     samples = np.ascontiguousarray(mono, dtype=np.float32)
     return LoadedAudio(
         samples=samples,
@@ -157,6 +157,12 @@ def _load(path: Path, sample_rate: int, max_duration_s: float | None) -> LoadedA
         channels=channels,
         truncated=got < frames,
     )
+
+
+def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Band-limited resampling (soxr, high quality), float32 in and out."""
+    return soxr.resample(np.asarray(samples, np.float32), src_rate, dst_rate, quality=_RESAMPLE_QUALITY).astype(
+        np.float32, copy=False)
 
 
 def _declared_wav_frames(fh: BinaryIO, file_size: int, channels: int, subtype: str) -> int | None:

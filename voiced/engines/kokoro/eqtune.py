@@ -82,11 +82,9 @@ class EqTuner:
 
     def _sentence(self, audio24k: np.ndarray, gains_db: np.ndarray) -> _Sentence | None:
         """The speech as the tuner needs it; which silences go is decided with ``gains_db`` applied."""
-        from voiced.engines.kokoro.fitting import resample_24k_to_16k
-
         torch, ge2e = self._torch, self._ge2e
-        wav = resample_24k_to_16k(audio24k)
-        mask = ge2e.long_silence_mask(ge2e.normalize_volume(resample_24k_to_16k(post.apply_eq(audio24k, gains_db))))
+        wav = post.resample_24k_to_16k(audio24k)
+        mask = ge2e.long_silence_mask(ge2e.normalize_volume(post.resample_24k_to_16k(post.apply_eq(audio24k, gains_db))))
         kept = int(mask.sum())
         if kept < ge2e.MIN_SAMPLES:
             return None

@@ -49,7 +49,7 @@ import numpy as np
 
 from voiced.engines.base import Conditioning, EngineError
 from voiced.engines.kokoro import eqtune, post
-from voiced.engines.kokoro.post import PITCH_RANGE, Voicing
+from voiced.engines.kokoro.post import PITCH_RANGE, Voicing, resample_24k_to_16k
 from voiced.fsutil import atomic_writer, read_npz
 
 log = logging.getLogger(__name__)
@@ -110,21 +110,6 @@ class SpeakerEncoderLike(Protocol):
 def _unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64).reshape(-1)
     return v / (np.linalg.norm(v) + 1e-12)
-
-
-def resample_24k_to_16k(audio: np.ndarray) -> np.ndarray:
-    """Band-limited 24 kHz -> 16 kHz (soxr when installed, else an exact 2:3 polyphase FIR)."""
-    audio = np.asarray(audio, dtype=np.float32)
-    try:
-        import soxr
-
-        return soxr.resample(audio, 24_000, EMBED_RATE, quality="HQ").astype(np.float32)
-    except ImportError:  # pragma: no cover - soxr is a project dependency
-        taps = np.arange(-48, 49)
-        h = np.sinc(taps / 3 * 2 * 0.45) * np.hamming(len(taps)) * 2 / 3 * 0.9 * 2
-        up = np.zeros(len(audio) * 2, np.float32)
-        up[::2] = audio
-        return np.convolve(up, h.astype(np.float32), mode="same")[::3].astype(np.float32)
 
 
 def blend_weights(target: np.ndarray, base_embs: np.ndarray, iters: int = 400) -> np.ndarray:
@@ -853,4 +838,4 @@ def _unit_rows(m: np.ndarray) -> np.ndarray:
     return m / (np.linalg.norm(m, axis=-1, keepdims=True) + 1e-12)
 
 
-__all__ = ["CALIBRATION_TEXTS", "CMAES", "StyleFitter", "blend_weights", "resample_24k_to_16k", "work_for_budget"]
+__all__ = ["CALIBRATION_TEXTS", "CMAES", "StyleFitter", "blend_weights", "work_for_budget"]

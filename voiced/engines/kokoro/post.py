@@ -22,6 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from voiced.audio import SAMPLE_RATE as ENCODER_RATE
+from voiced.audio import resample
+
 SAMPLE_RATE = 24_000
 BAND_EDGES = np.geomspace(100.0, 7600.0, 25)
 BAND_CENTRES = np.sqrt(BAND_EDGES[:-1] * BAND_EDGES[1:])
@@ -121,3 +124,8 @@ def finish(audio: np.ndarray, warp: float, gains_db: np.ndarray | None) -> np.nd
 
 __all__ = ["BAND_CENTRES", "LIMIT_DB", "MAX_GAIN_DB", "MIN_GAIN_DB", "N_BANDS", "PITCH_RANGE", "WARP_RANGE", "Voicing", "apply_eq", "apply_warp", "band_powers",
            "eq_filter", "eq_interpolation", "finish", "match_gains"]
+
+
+def resample_24k_to_16k(audio: np.ndarray) -> np.ndarray:
+    """The engine's 24 kHz speech at the speaker encoder's 16 kHz."""
+    return resample(audio, SAMPLE_RATE, ENCODER_RATE)
