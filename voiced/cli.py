@@ -269,10 +269,11 @@ def _watch_voices(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             while True:
-                voices = client.voices()
                 # files still being written are voices to come: a watch started right after a copy
-                # must not end while the copy is still arriving
+                # must not end while the copy is still arriving. Asked before the voices: a file
+                # the daemon stops counting as settling is a voice by then.
                 arriving = int(client.status().get("settling", 0) or 0)
+                voices = client.voices()
                 states, stages = _tally(voices)
                 done = states.get("ready", 0) + states.get("failed", 0)
                 summary = _summary(states, stages) + (f", {arriving} arriving" if arriving else "")

@@ -180,11 +180,11 @@ class FolderWatcher:
             # destination first: while the source voice still exists, a move is recognised by its
             # inode and the voice is ready again without hashing
             if dest is not None:
-                self._settle.discard(dest)
                 self.library.sync_path(dest)
+                self._settle.discard(dest)
             if src is not None:
-                self._settle.discard(src)
                 self.library.sync_path(src)
+                self._settle.discard(src)
         elif isinstance(event, DirMovedEvent):
             if dest is not None:
                 self.library.sync_tree(dest)
@@ -200,12 +200,11 @@ class FolderWatcher:
                 self.library.sync_tree(src)
         elif src is None or not self.library.accepts(src):
             return
-        elif isinstance(event, FileClosedEvent):
-            self._settle.discard(src)
+        elif isinstance(event, (FileClosedEvent, FileDeletedEvent)):
+            # the library first, then the tracker: a file is never in neither (pending_settle
+            # counts the voices still to come)
             self.library.sync_path(src)
-        elif isinstance(event, FileDeletedEvent):
             self._settle.discard(src)
-            self.library.sync_path(src)
         elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
             self._settle.track(src)
 
@@ -257,10 +256,12 @@ class SettleTracker:
         self._heap: list[tuple[float, str]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._handing = 0  # settled, on_settled not yet returned
 
     def __len__(self) -> int:
+        """Files being tracked, and those settled but not yet handed over."""
         with self._lock:
-            return len(self._entries)
+            return len(self._entries) + self._handing
 
     def start(self) -> None:
         self._stopping = False
@@ -316,10 +317,14 @@ class SettleTracker:
                     heapq.heappush(self._heap, (due, path))
                     continue
                 del self._entries[path]
+                self._handing += 1
             try:
                 self.on_settled(path)
             except Exception:
                 log.exception("error handling settled file %s", path)
+            finally:
+                with self._lock:
+                    self._handing -= 1
 
     def _signature(self, path: str) -> tuple[int, int] | None:
         try:
