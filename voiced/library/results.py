@@ -134,7 +134,6 @@ class Results:
         return conditioning
 
 
-
 class Prepared:
     """A content's prepared results under their keys: the speaker embedding (keyed by the
     encoder and how it was computed), then each engine stage (keyed by the engine)."""

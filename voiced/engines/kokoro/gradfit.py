@@ -147,9 +147,9 @@ class GradientFit:
         self.ltas_bands = np.flatnonzero(in_band)
         ref_db = 10 * np.log10(np.maximum(np.asarray(ref_bands, np.float64), 1e-20))[self.ltas_bands]
         self.ref_ltas = torch.tensor(ref_db - ref_db.mean(), dtype=torch.float32, device=self.device)
-        self.mel_dct = self._mel_dct()
         self.ref_mfcc: tuple[Any, Any] | None = None
-        if reference is not None and WEIGHTS.get("mfcc", 0.0) > 0:
+        if reference is not None and WEIGHTS.get("mfcc", 0.0) > 0:  # the view weighs in: its filters, once
+            self.mel_dct = self._mel_dct()
             with torch.no_grad():
                 ceps = self._cepstra(torch.tensor(np.asarray(reference, np.float32), device=self.device))
                 self.ref_mfcc = ceps.mean(1), ceps.std(1).clamp_min(1e-3)

@@ -122,10 +122,10 @@ def finish(audio: np.ndarray, warp: float, gains_db: np.ndarray | None) -> np.nd
     return np.nan_to_num(np.clip(out, -1.0, 1.0), nan=0.0)
 
 
-__all__ = ["BAND_CENTRES", "LIMIT_DB", "MAX_GAIN_DB", "MIN_GAIN_DB", "N_BANDS", "PITCH_RANGE", "WARP_RANGE", "Voicing", "apply_eq", "apply_warp", "band_powers",
-           "eq_filter", "eq_interpolation", "finish", "match_gains"]
-
-
 def resample_24k_to_16k(audio: np.ndarray) -> np.ndarray:
     """The engine's 24 kHz speech at the speaker encoder's 16 kHz."""
     return resample(audio, SAMPLE_RATE, ENCODER_RATE)
+
+
+__all__ = ["BAND_CENTRES", "LIMIT_DB", "MAX_GAIN_DB", "MIN_GAIN_DB", "N_BANDS", "PITCH_RANGE", "WARP_RANGE", "Voicing", "apply_eq", "apply_warp", "band_powers",
+           "eq_filter", "eq_interpolation", "finish", "match_gains", "resample_24k_to_16k"]
