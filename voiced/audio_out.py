@@ -73,6 +73,13 @@ class AudioWriter:
             return tail + self._take()
         return tail
 
+    def close(self) -> None:
+        """Let go of an encoder abandoned before :meth:`finish` (a failed request): the container
+        is closed while its buffer is still open, not later by the garbage collector."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def _encode(self, samples: np.ndarray) -> bytes:
         self.frames += len(samples)
         if self.format == "pcm_f32le":

@@ -14,9 +14,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any
 
-import numpy as np
 import psutil
 
 from voiced import __version__
@@ -30,6 +29,7 @@ from voiced.notify import Notifier, WatchdogPinger
 from voiced.plugins import PluginHost
 from voiced.protocol import VOICE_FAILED, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError
 from voiced.server import Server
+from voiced.speech import Speech
 from voiced.watcher import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Daemon:
             config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess,
             stage_budget_s=config.engine.refine_budget_s, listeners=[self.plugins.voice_event],
         )
-        self.server = Server(config.server, self, plugins=self.plugins,
+        self.server = Server(config.server, self, Speech(self.engine, self.plugins),
                              where=str(config.source) if config.source else "config")
         self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)
         self.library.start()
@@ -209,11 +209,6 @@ class Daemon:
 
     # ------------------------------------------------------------------ the server's backend
 
-    @property
-    def sample_rate(self) -> int:
-        assert self.engine is not None
-        return self.engine.sample_rate
-
     def voices(self) -> list[dict[str, Any]]:
         assert self.library is not None
         return self.library.voices()
@@ -237,10 +232,6 @@ class Daemon:
             return None
         stage, conditioning = found
         return {**voice.to_dict(), "stage": stage}, conditioning
-
-    def synthesize(self, text: str, conditioning: Any, params: Mapping[str, Any]) -> Iterator[np.ndarray]:
-        assert self.engine is not None
-        return self.engine.synthesize(text, conditioning, params)
 
     def embed(self, name: str) -> dict[str, Any]:
         assert self.library is not None

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
 
 from voiced.errors import short_repr
 
@@ -79,13 +79,37 @@ OPS = tuple(_FIELDS)
 
 
 @dataclass(frozen=True)
+class Synthesize:
+    """A validated ``synthesize`` request: what to say, in which voice, encoded how.
+
+    Every front door builds one of these, so the speech pipeline sees one typed request
+    whatever the transport."""
+
+    text: str
+    voice: str
+    format: str = "wav"
+    stream: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+    sample_rate: int | None = None  # None: the engine's own rate
+    wait_s: float = 0.0  # how long to wait for a voice that is not ready yet
+
+
+@dataclass(frozen=True)
+class Embed:
+    """A validated ``embed`` request: the speaker embedding of one voice."""
+
+    voice: str
+
+
+# ping, voices, status and reload carry no fields
+Args = Union[Synthesize, Embed, None]
+
+
+@dataclass(frozen=True)
 class Request:
     op: str
     id: Any
-    fields: Mapping[str, Any]
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.fields.get(name, default)
+    args: Args = None
 
 
 def peek_id(frame: bytes) -> Any:
@@ -162,9 +186,17 @@ def parse_request(frame: bytes, limits: Limits) -> Request:
     for name, (_, required) in spec.items():
         if required and name not in fields:
             raise ProtocolError(BAD_REQUEST, f"{name} is required for op {op}")
+    args: Args = None
     if op == "synthesize":
         _check_synthesize(fields, limits)
-    return Request(op=op, id=request_id, fields=fields)
+        args = Synthesize(
+            text=fields["text"], voice=fields["voice"], format=fields["format"], stream=bool(fields.get("stream")),
+            params=fields.get("params") or {}, sample_rate=fields.get("sample_rate"),
+            wait_s=float(fields.get("wait_s") or 0.0),
+        )
+    elif op == "embed":
+        args = Embed(voice=fields["voice"])
+    return Request(op=op, id=request_id, args=args)
 
 
 def _check_synthesize(fields: dict[str, Any], limits: Limits) -> None:

@@ -35,16 +35,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import zmq
 
 from voiced import __version__
-from voiced.audio_out import AudioWriter
 from voiced.config import ServerConfig
 from voiced.errors import VoicedError
-from voiced.plugins import PluginError, PluginHost, new_request
 from voiced.security import (
     ZAP_DOMAIN, CurveAuth, ServerKeys, check_server, is_loopback, load_server_keys, prepare_ipc, protect_ipc,
 )
@@ -58,6 +56,7 @@ from voiced.protocol import (
     Limits,
     ProtocolError,
     Request,
+    Synthesize,
     clip_message,
     encode,
     error_reply,
@@ -65,6 +64,7 @@ from voiced.protocol import (
     parse_request,
     peek_id,
 )
+from voiced.speech import Piece, Speech
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,12 @@ class Backend(Protocol):
         Raises ProtocolError for an unknown or failed voice."""
         ...
 
-    def synthesize(self, text: str, conditioning: Any, params: Mapping[str, Any]) -> Iterator[np.ndarray]: ...
-
-    @property
-    def sample_rate(self) -> int: ...
-
 
 @dataclass
 class Job:
     envelope: list[bytes]
-    request: Request
+    id: Any
+    speech: Synthesize
     received: float
     deadline: float = math.inf
     voice: dict[str, Any] = field(default_factory=dict)
@@ -131,15 +127,15 @@ class ServerStats:
 
 class Server:
     def __init__(
-        self, config: ServerConfig, backend: Backend, *, context: zmq.Context | None = None,
-        plugins: PluginHost | None = None, where: str = "config",
+        self, config: ServerConfig, backend: Backend, speech: Speech, *, context: zmq.Context | None = None,
+        where: str = "config",
     ) -> None:
         self.config = config
         self.where = where  # the config file, for error messages
         self.auth: CurveAuth | None = None
         self._keys: ServerKeys | None = None
         self.backend = backend
-        self.plugins = plugins
+        self.speech = speech
         self.limits = Limits(max_text_chars=config.max_text_chars, max_json_depth=config.max_json_depth)
         self.context = context or zmq.Context.instance()
         self.stats = ServerStats()
@@ -389,8 +385,8 @@ class Server:
             self.stats.observe(time.monotonic() - started, False)
             return [envelope + [error_reply(peek_id(frame), exc.code, exc.message, **exc.details)]]
         try:
-            if request.op == "synthesize":
-                return self._accept_synthesis(Job(envelope, request, started))
+            if isinstance(request.args, Synthesize):
+                return self._accept_synthesis(Job(envelope, request.id, request.args, started))
             reply = self._answer(request)
         except ProtocolError as exc:
             self.stats.observe(time.monotonic() - started, False)
@@ -411,7 +407,8 @@ class Server:
         if op == "status":
             return ok_reply(request.id, **self.backend.status())
         if op == "embed":
-            return ok_reply(request.id, **self.backend.embed(request.fields["voice"]))
+            assert request.args is not None
+            return ok_reply(request.id, **self.backend.embed(request.args.voice))
         if op == "reload":
             self.backend.reload()
             return ok_reply(request.id, reloading=True)
@@ -425,10 +422,9 @@ class Server:
             raise ProtocolError(BUSY, "the daemon is shutting down")
         found = self._find_voice(job, time.monotonic())
         if found is None:
-            wait_s = float(job.request.fields.get("wait_s") or 0)
-            if wait_s <= 0:
-                raise self._not_ready(job.request.fields["voice"])
-            job.deadline = time.monotonic() + wait_s
+            if job.speech.wait_s <= 0:
+                raise self._not_ready(job.speech.voice)
+            job.deadline = time.monotonic() + job.speech.wait_s
             with self._state:
                 self._waiting.append(job)
             return []
@@ -438,9 +434,9 @@ class Server:
     def _find_voice(self, job: Job, now: float) -> tuple[dict[str, Any], Any] | None:
         """The voice if it can be spoken; None to keep waiting (a file just dropped may not be known yet)."""
         try:
-            return self.backend.voice_for_synthesis(job.request.fields["voice"])
+            return self.backend.voice_for_synthesis(job.speech.voice)
         except ProtocolError as exc:
-            if exc.code == VOICE_NOT_FOUND and job.request.fields.get("wait_s") and now < job.deadline:
+            if exc.code == VOICE_NOT_FOUND and job.speech.wait_s and now < job.deadline:
                 return None
             raise
 
@@ -477,12 +473,12 @@ class Server:
                     job.voice, job.conditioning = found
                     self._enqueue(job)
                 elif now >= job.deadline:
-                    raise self._not_ready(job.request.fields["voice"])
+                    raise self._not_ready(job.speech.voice)
                 else:
                     still.append(job)
             except ProtocolError as exc:
                 self.stats.observe(now - job.received, False)
-                out.append(job.envelope + [error_reply(job.request.id, exc.code, exc.message, **exc.details)])
+                out.append(job.envelope + [error_reply(job.id, exc.code, exc.message, **exc.details)])
         with self._state:
             self._waiting.extend(still)
         return out
@@ -499,7 +495,7 @@ class Server:
                 try:
                     self._synthesize(job)
                 except Exception:  # _synthesize answers every failure itself; this is a bug, keep serving
-                    log.exception("unexpected error after synthesis for request %s", job.request.id)
+                    log.exception("unexpected error after synthesis for request %s", job.id)
             with self._state:
                 if self._stop.is_set():
                     self._jobs.clear()
@@ -508,113 +504,39 @@ class Server:
                     self._synthesizing -= 1
 
     def _synthesize(self, job: Job) -> None:
-        request = job.request
-        fields = request.fields
-        fmt = fields.get("format", "wav")
-        stream = bool(fields.get("stream"))
         queued_s = time.monotonic() - job.received
-        voice = job.voice
-        header: dict[str, Any] = {
-            "sample_rate": fields.get("sample_rate") or self.backend.sample_rate,
-            "channels": 1,
-            "format": fmt,
-            "voice": {"name": voice.get("name"), "sha256": voice.get("sha256")},
-        }
-        if voice.get("stage"):
-            header["voice"]["stage"] = voice["stage"]
-        engine_s = 0.0
-        plugins = self.plugins
-        rate = self.backend.sample_rate
-        info: dict[str, Any] = {}
-        post = keep = False
-        kept: list[np.ndarray] = []  # the reply's audio, for post-processing whole replies and synthesis_done
+        utterance = self.speech.utterance(job.speech, job.voice, job.conditioning, request_id=job.id,
+                                          on_chunk=self._beat)
+        last = Piece(b"", 0, final=True)
         try:
-            writer = AudioWriter(fmt, rate, fields.get("sample_rate"))
-            params = fields.get("params") or {}
-            text = fields["text"]
-            if plugins is not None:
-                info = new_request(text=text, voice=voice, params=params, fmt=fmt, stream=stream, request_id=request.id)
-                text = plugins.preprocess_text(text, str(voice.get("name")), params)
-                info["spoken_text"] = text
-                post = plugins.has_hook("voiced_postprocess_audio")
-                keep = plugins.has_hook("voiced_synthesis_done")
-            started = time.monotonic()
-            chunks = self.backend.synthesize(text, job.conditioning, params)  # text front end runs here
-            engine_s += time.monotonic() - started
-            seq = 0
-            body: list[bytes] = []
-            while True:
-                started = time.monotonic()
-                try:
-                    chunk = next(chunks)
-                except StopIteration:
-                    engine_s += time.monotonic() - started
-                    break
-                engine_s += time.monotonic() - started
-                self.worker_heartbeat = time.monotonic()
-                if stream:
-                    if post:
-                        chunk = plugins.postprocess_audio(chunk, rate, {**info, "seq": seq, "final": False})
-                    if keep:
-                        kept.append(chunk)
-                    data = writer.feed(chunk)
-                    part = {"id": request.id, "ok": True, "seq": seq, "final": False, **header}
-                    self._send(job.envelope + [encode(part), data])
-                    seq += 1
-                elif post or keep:
-                    kept.append(chunk)  # whole replies are post-processed as one signal
-                else:
-                    body.append(writer.feed(chunk))
-            if stream and post:  # the end of a stream: plugins may add a tail (e.g. padding)
-                end = plugins.postprocess_audio(np.zeros(0, np.float32), rate, {**info, "seq": seq, "final": True})
-                if keep:
-                    kept.append(end)
-                body.append(writer.feed(end))
-            elif not stream and (post or keep):
-                whole = np.concatenate(kept) if kept else np.zeros(0, np.float32)
-                if post:
-                    whole = plugins.postprocess_audio(whole, rate, {**info, "seq": 0, "final": True})
-                kept = [whole]
-                body.append(writer.feed(whole))
-            tail = writer.finish()
-        except PluginError as exc:  # before VoicedError: a plugin's failure is ours, not the client's
-            self._fail(job, INTERNAL, str(exc))
-            return
+            for piece in utterance.pieces():
+                if piece.final:
+                    last = piece
+                    continue
+                part = {"id": job.id, "ok": True, "seq": piece.seq, "final": False, **utterance.header}
+                self._send(job.envelope + [encode(part), piece.data])
         except ProtocolError as exc:
             self._fail(job, exc.code, exc.message)
             return
-        except (VoicedError, ValueError) as exc:
-            self._fail(job, BAD_REQUEST, str(exc))
-            return
-        except Exception as exc:
-            log.exception("synthesis failed for voice %s", voice.get("name"))
-            self._fail(job, INTERNAL, f"synthesis failed: {type(exc).__name__}: {exc}")
-            return
         total_s = time.monotonic() - job.received
-        final = {
-            "id": request.id,
-            "ok": True,
-            **header,
-            "duration_s": round(writer.duration_s, 4),
-            "engine_s": round(engine_s, 6),
-            "queue_s": round(queued_s, 6),
-            "total_s": round(total_s, 6),
-        }
-        if stream:
-            final.update(seq=seq, final=True)
-        self._send(job.envelope + [encode(final), b"".join(body) + tail])
+        timings = {"queue_s": round(queued_s, 6), "engine_s": round(utterance.engine_s, 6),
+                   "total_s": round(total_s, 6)}
+        final = {"id": job.id, "ok": True, **utterance.header, "duration_s": round(utterance.duration_s, 4), **timings}
+        if job.speech.stream:
+            final.update(seq=last.seq, final=True)
+        self._send(job.envelope + [encode(final), last.data])
         self.stats.observe(total_s, True)
-        if keep and plugins is not None:  # after the reply is on its way; never raises
-            audio = np.concatenate(kept) if kept else np.zeros(0, np.float32)
-            timings = {"queue_s": round(queued_s, 6), "engine_s": round(engine_s, 6), "total_s": round(total_s, 6),
-                       "duration_s": round(writer.duration_s, 4)}
-            plugins.synthesis_done({**info, "seq": seq, "final": True}, audio, rate, timings)
+        utterance.finish({**timings, "duration_s": round(utterance.duration_s, 4)})  # after the reply is on its way
+
+    def _beat(self) -> None:
+        """A chunk left the engine: a long text is progress for the watchdog."""
+        self.worker_heartbeat = time.monotonic()
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         self.stats.observe(time.monotonic() - job.received, False)
-        reply = error_reply(job.request.id, code, message)
-        if job.request.fields.get("stream"):
+        reply = error_reply(job.id, code, message)
+        if job.speech.stream:
             # a stream that already sent chunks ends with a final error message
-            reply = encode({"id": job.request.id, "ok": False, "final": True,
+            reply = encode({"id": job.id, "ok": False, "final": True,
                             "error": {"code": code, "message": clip_message(message)}})
         self._send(job.envelope + [reply])
