@@ -1,11 +1,12 @@
-"""The ZeroMQ server: one ROUTER socket, threads that take turns at it (leader/follower).
+"""The ZeroMQ transport: one ROUTER socket, threads that take turns at it (leader/follower).
 
 There are ``[server] synthesis_threads`` + 1 threads: one leads while the others synthesize (one
 by default; with more, requests run side by side and a batching engine merges their sentences).
 
 At any moment one thread is the *leader*: it waits on the ROUTER (bound to every endpoint),
 parses every request, answers the cheap ops itself (ping, voices, status, embed, reload) and
-admits synthesis jobs, answering ``busy`` at once when the bounded queue is full. When a
+admits synthesis jobs (:mod:`voiced.server.admission`: ``busy`` at once when the bounded
+queue is full). When a
 synthesis job arrives and the model is idle, the leader does not hand the job to another
 thread: it hands the *socket* over (the other thread becomes leader) and runs the job itself,
 then sends the reply itself. Jobs that arrive meanwhile queue up and that thread runs them in
@@ -22,13 +23,13 @@ socket's file descriptor rather than in zmq_poll, so it holds no lock while it w
 descriptor is edge-triggered, a thread that sends checks afterwards whether input is pending
 and wakes the leader through a pipe.
 
-So ``ping`` and ``status`` are answered within milliseconds while a long synthesis runs.
+So ``ping`` and ``status`` are answered within milliseconds while a long synthesis runs. What
+a synthesis job says is :mod:`voiced.speech`'s: this module only sends the pieces.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import select
 import threading
@@ -48,11 +49,8 @@ from voiced.security import (
 )
 from voiced.protocol import (
     BAD_REQUEST,
-    BUSY,
     INTERNAL,
     PROTOCOL_VERSION,
-    VOICE_NOT_FOUND,
-    VOICE_NOT_READY,
     Limits,
     ProtocolError,
     Request,
@@ -64,6 +62,7 @@ from voiced.protocol import (
     parse_request,
     peek_id,
 )
+from voiced.server.admission import Admission, Job, Voices
 from voiced.speech import Piece, Speech
 
 log = logging.getLogger(__name__)
@@ -71,10 +70,8 @@ log = logging.getLogger(__name__)
 _BATCH = 64  # messages read per turn before the leader looks at anything else
 
 
-class Backend(Protocol):
-    """What the server needs of the daemon."""
-
-    def voices(self) -> list[dict[str, Any]]: ...
+class Backend(Voices, Protocol):
+    """What the server needs of the daemon: the voices, and the answers to the cheap ops."""
 
     def status(self) -> dict[str, Any]: ...
 
@@ -82,29 +79,11 @@ class Backend(Protocol):
 
     def reload(self) -> None: ...
 
-    def voice_for_synthesis(self, name: str) -> tuple[dict[str, Any], Any] | None:
-        """(voice dict, conditioning) of a voice that can be spoken now; None if not (yet) ready.
-
-        Raises ProtocolError for an unknown or failed voice."""
-        ...
-
-
-@dataclass
-class Job:
-    envelope: list[bytes]
-    id: Any
-    speech: Synthesize
-    received: float
-    deadline: float = math.inf
-    voice: dict[str, Any] = field(default_factory=dict)
-    conditioning: Any = None
-
 
 @dataclass
 class ServerStats:
     served: int = 0
     failed: int = 0
-    busy: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
 
     def observe(self, seconds: float, ok: bool) -> None:
@@ -114,12 +93,12 @@ class ServerStats:
             self.failed += 1
         self.latencies.append(seconds)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, busy: int) -> dict[str, Any]:
         values = np.asarray(self.latencies) if self.latencies else None
         return {
             "served": self.served,
             "failed": self.failed,
-            "busy": self.busy,
+            "busy": busy,
             "latency_p50_ms": None if values is None else round(float(np.percentile(values, 50)) * 1000, 3),
             "latency_p99_ms": None if values is None else round(float(np.percentile(values, 99)) * 1000, 3),
         }
@@ -139,19 +118,14 @@ class Server:
         self.limits = Limits(max_text_chars=config.max_text_chars, max_json_depth=config.max_json_depth)
         self.context = context or zmq.Context.instance()
         self.stats = ServerStats()
+        self.admission = Admission(backend, synthesizers=config.synthesis_threads, queue_size=config.queue_size)
         self.endpoints: list[str] = []
         self._router: zmq.Socket | None = None
         self._socket_lock = threading.Lock()  # every operation on the ROUTER
         self._wake_r = self._wake_w = -1  # a pipe that wakes the leader out of poll(2)
         self._threads: list[threading.Thread] = []
-        # roles and work, under _state: who leads, whether a thread runs synthesis, what waits
-        self._state = threading.Condition(threading.Lock())
+        self._roles = threading.Condition(threading.Lock())  # who leads; followers wait on it
         self._leader: threading.Thread | None = None
-        self._synthesizing = 0  # threads running a synthesis job, at most config.synthesis_threads
-        self._jobs: deque[Job] = deque()
-        self._waiting: list[Job] = []
-        self._taken: Job | None = None  # a job the leader reserved for itself (leader-only)
-        self._accepting = True
         self._stop = threading.Event()
         self.loop_heartbeat = time.monotonic()
         self.worker_heartbeat = time.monotonic()
@@ -187,15 +161,13 @@ class Server:
 
     def stop_accepting(self) -> None:
         """New synthesis requests get ``busy`` from now on; those in flight go on."""
-        self._accepting = False
+        self.admission.stop_accepting()
 
     def drain(self, timeout: float) -> bool:
         """Wait until queued and running synthesis requests are answered (True) or the timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self._state:
-                idle = not self._synthesizing and not self._jobs and not self._waiting
-            if idle:
+            if self.admission.idle():
                 return True
             time.sleep(0.02)
         return False
@@ -203,8 +175,8 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
         self._wake_leader()
-        with self._state:
-            self._state.notify_all()
+        with self._roles:
+            self._roles.notify_all()
         for thread in self._threads:
             thread.join(5)
         with self._socket_lock:  # a thread stuck in the model may still hold a reply
@@ -225,8 +197,7 @@ class Server:
             self.auth.configure()
 
     def queue_depth(self) -> int:
-        with self._state:
-            return len(self._jobs) + self._synthesizing
+        return self.admission.depth()
 
     def healthy(self, max_stall_s: float) -> bool:
         """The socket and the synthesis side both made progress within ``max_stall_s`` (systemd watchdog).
@@ -244,7 +215,8 @@ class Server:
         )
 
     def summary(self) -> dict[str, Any]:
-        return {**self.stats.summary(), "queue": self.queue_depth(), "endpoints": list(self.endpoints)}
+        return {**self.stats.summary(self.admission.busy), "queue": self.queue_depth(),
+                "endpoints": list(self.endpoints)}
 
     # ------------------------------------------------------------------ socket
 
@@ -293,11 +265,11 @@ class Server:
         """A server thread: follow until the leader's place is free, lead, synthesize, and again."""
         me = threading.current_thread()
         while True:
-            with self._state:
+            with self._roles:
                 while self._leader is not None and not self._stop.is_set():
                     if not self.worker_hang.is_set():  # test hook: a hung worker stops beating
                         self.worker_heartbeat = time.monotonic()
-                    self._state.wait(1.0)
+                    self._roles.wait(1.0)
                 if self._stop.is_set():
                     return
                 self._leader = me
@@ -325,24 +297,20 @@ class Server:
             for parts in incoming:
                 for reply in self._handle(parts):
                     self._send(reply)
-            for reply in self._check_waiting():
-                self._send(reply)
-            if self._taken is None and self._jobs:
-                with self._state:  # a job queued while another was taken, and a synthesizer is free
-                    if self._jobs and self._synthesizing < self.config.synthesis_threads:
-                        self._taken = self._jobs.popleft()
-                        self._synthesizing += 1
-            job, self._taken = self._taken, None
+            for job, exc in self.admission.recheck():
+                self.stats.observe(time.monotonic() - job.received, False)
+                self._send(job.envelope + [error_reply(job.id, exc.code, exc.message, **exc.details)])
+            job = self.admission.take()
             if job is not None:
-                with self._state:
+                with self._roles:
                     self._leader = None
-                    self._state.notify()  # the other thread takes the socket while this one runs the job
+                    self._roles.notify()  # the other thread takes the socket while this one runs the job
                 return job
             if len(incoming) == _BATCH:
                 continue
             with self._socket_lock:
                 pending = router.getsockopt(zmq.EVENTS) & zmq.POLLIN
-            if not pending and poller.poll(50 if self._waiting else 200):
+            if not pending and poller.poll(50 if self.admission.waiting else 200):
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
@@ -386,7 +354,8 @@ class Server:
             return [envelope + [error_reply(peek_id(frame), exc.code, exc.message, **exc.details)]]
         try:
             if isinstance(request.args, Synthesize):
-                return self._accept_synthesis(Job(envelope, request.id, request.args, started))
+                self.admission.admit(Job(envelope, request.id, request.args, started))
+                return []
             reply = self._answer(request)
         except ProtocolError as exc:
             self.stats.observe(time.monotonic() - started, False)
@@ -414,75 +383,6 @@ class Server:
             return ok_reply(request.id, reloading=True)
         raise ProtocolError(BAD_REQUEST, f"op {op} is not handled here")  # pragma: no cover
 
-    # ------------------------------------------------------------------ synthesis admission
-
-    def _accept_synthesis(self, job: Job) -> list[list[bytes]]:
-        if not self._accepting:
-            self.stats.busy += 1
-            raise ProtocolError(BUSY, "the daemon is shutting down")
-        found = self._find_voice(job, time.monotonic())
-        if found is None:
-            if job.speech.wait_s <= 0:
-                raise self._not_ready(job.speech.voice)
-            job.deadline = time.monotonic() + job.speech.wait_s
-            with self._state:
-                self._waiting.append(job)
-            return []
-        job.voice, job.conditioning = found
-        return self._enqueue(job)
-
-    def _find_voice(self, job: Job, now: float) -> tuple[dict[str, Any], Any] | None:
-        """The voice if it can be spoken; None to keep waiting (a file just dropped may not be known yet)."""
-        try:
-            return self.backend.voice_for_synthesis(job.speech.voice)
-        except ProtocolError as exc:
-            if exc.code == VOICE_NOT_FOUND and job.speech.wait_s and now < job.deadline:
-                return None
-            raise
-
-    def _not_ready(self, name: str) -> ProtocolError:
-        voice = next((v for v in self.backend.voices() if v["name"] == name), None)
-        state = voice["state"] if voice else "pending"
-        return ProtocolError(VOICE_NOT_READY, f"voice {name!r} is {state}; ask again later or pass wait_s", state=state)
-
-    def _enqueue(self, job: Job) -> list[list[bytes]]:
-        """Reserve the job for the leader itself when the model is idle, else queue it (or ``busy``)."""
-        with self._state:
-            if self._synthesizing < self.config.synthesis_threads and self._taken is None:
-                self._synthesizing += 1
-                self._taken = job
-                return []
-            if len(self._jobs) >= self.config.queue_size:
-                self.stats.busy += 1
-                raise ProtocolError(BUSY, f"{self.config.queue_size} synthesis requests are already waiting")
-            self._jobs.append(job)
-        return []
-
-    def _check_waiting(self) -> list[list[bytes]]:
-        if not self._waiting:
-            return []
-        out: list[list[bytes]] = []
-        now = time.monotonic()
-        with self._state:
-            waiting, self._waiting = self._waiting, []
-        still: list[Job] = []
-        for job in waiting:
-            try:
-                found = self._find_voice(job, now)
-                if found is not None:
-                    job.voice, job.conditioning = found
-                    self._enqueue(job)
-                elif now >= job.deadline:
-                    raise self._not_ready(job.speech.voice)
-                else:
-                    still.append(job)
-            except ProtocolError as exc:
-                self.stats.observe(now - job.received, False)
-                out.append(job.envelope + [error_reply(job.id, exc.code, exc.message, **exc.details)])
-        with self._state:
-            self._waiting.extend(still)
-        return out
-
     # ------------------------------------------------------------------ synthesis
 
     def _work(self, job: Job | None) -> None:
@@ -496,12 +396,7 @@ class Server:
                     self._synthesize(job)
                 except Exception:  # _synthesize answers every failure itself; this is a bug, keep serving
                     log.exception("unexpected error after synthesis for request %s", job.id)
-            with self._state:
-                if self._stop.is_set():
-                    self._jobs.clear()
-                job = self._jobs.popleft() if self._jobs else None
-                if job is None:
-                    self._synthesizing -= 1
+            job = self.admission.next(drop=self._stop.is_set())
 
     def _synthesize(self, job: Job) -> None:
         queued_s = time.monotonic() - job.received
