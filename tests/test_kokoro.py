@@ -15,7 +15,7 @@ from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, text, t
 from voiced.engines.kokoro import engine as kokoro_engine
 from voiced.engines.kokoro.backends import BACKENDS
 from voiced.engines.kokoro.engine import split_phonemes
-from voiced.engines.kokoro.fitting import CMAES, blend_weights
+from voiced.engines.kokoro.fitting import blend_weights
 from voiced.engines.kokoro.post import resample_24k_to_16k
 from voiced.fsutil import sha256_file
 
@@ -528,14 +528,6 @@ def test_unloaded_engine_says_so(tmp_path):
 # ------------------------------------------------------------------------------------ fitting
 
 
-def test_cmaes_minimises_a_quadratic():
-    es = CMAES(np.full(6, 3.0), sigma=1.0, seed=0)
-    for _ in range(60):
-        xs = es.ask()
-        es.tell(xs, np.sum((xs - 1.0) ** 2, axis=1))
-    assert np.allclose(es.mean, 1.0, atol=0.05)
-
-
 def test_blend_weights_recover_a_mixture():
     rng = np.random.default_rng(0)
     base = rng.standard_normal((5, 256))
@@ -668,9 +660,6 @@ def test_refined_is_deterministic_and_not_worse(engine, allison, caplog):
         c = engine.fitter().refine(emb, previous=quick, budget_s=budget, clock=machine_taking(30.0))
     assert c.meta.get("cut") is True and c.meta["evaluations"] < evals
     assert any("cut short" in r.getMessage() for r in caplog.records)
-    d = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=budget, method="cmaes", clock=TickingClock())
-    e = engine.fitter().refine(emb, previous=quick, max_evals=6, budget_s=budget, method="cmaes", clock=TickingClock())
-    assert np.array_equal(d["style"], e["style"]) and d.meta["similarity"] >= d.meta["quick_similarity"]
     stopped = engine.prepare_voice(wav, emb, stage="refined", previous=quick, should_stop=lambda: True)
     assert stopped.meta["evaluations"] == 0 and np.array_equal(stopped["style"], quick["style"])
     assert "cut" not in stopped.meta

@@ -101,9 +101,3 @@ class AudioWriter:
 
 def _to_int16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype(np.int16)
-
-
-def encode_audio(samples: np.ndarray, fmt: str, input_rate: int, output_rate: int | None = None) -> bytes:
-    """One-shot encoding of a whole signal."""
-    writer = AudioWriter(fmt, input_rate, output_rate)
-    return writer.feed(samples) + writer.finish()

@@ -43,7 +43,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from voiced.engines.base import Engine
+    from voiced.engines.base import Engine, SpeakerEncoder
 
 PROJECT = "voiced"
 
@@ -57,8 +57,8 @@ class EngineContext:
 
     cache_dir: Path
     """The daemon's cache folder; engines keep downloaded weights below ``models_dir``."""
-    encoder: Any
-    """The loaded speaker encoder (``voiced.encoder.SpeakerEncoder``); 256-d GE2E embeddings."""
+    encoder: SpeakerEncoder | None
+    """The loaded speaker encoder (GE2E, ``voiced.encoder.SpeakerEncoder``): 256-d embeddings."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """``[engine] options`` from the config, as written. A factory raising TypeError for an
     unexpected option is reported as a config error naming ``[engine] options``."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,6 +22,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "ParamError",
+    "SpeakerEncoder",
     "TextError",
     "check_seed",
     "check_speed",
@@ -44,6 +45,17 @@ class TextError(EngineError):
 
 class ParamError(EngineError):
     """A synthesis parameter is missing, of the wrong type or out of range."""
+
+
+class SpeakerEncoder(Protocol):
+    """A speaker encoder as the library and the engines use it: 16 kHz mono audio in, a
+    unit-norm embedding out. ``model_id`` and ``version`` name the model, so artefacts made
+    with it are keyed by them and made again when it changes (``voiced.encoder`` has GE2E)."""
+
+    model_id: str
+    version: str
+
+    def embed(self, wav: np.ndarray, *, preprocess: bool = True) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

@@ -30,17 +30,17 @@ import numpy as np
 
 from voiced.config import VoicesConfig
 from voiced.embedding import embedding_kind
-from voiced.engines.base import Engine
+from voiced.engines.base import Engine, SpeakerEncoder
 from voiced.errors import CacheError
 from voiced.library.files import FileRecord, FileRecords, holder_name
 from voiced.library.folder import Folder, Scan
-from voiced.library.preparer import MIN_VOICED_FRACTION, Embedder, Preparer
+from voiced.library.preparer import MIN_VOICED_FRACTION, Preparer
 from voiced.library.registry import Registry
 from voiced.library.results import NOT_CACHED, Prepared, Results
 from voiced.library.voice import Voice, VoiceState
 from voiced.store import ArtifactStore
 
-__all__ = ["Embedder", "Library", "MIN_VOICED_FRACTION", "ReconcileReport", "VoiceListener"]
+__all__ = ["Library", "MIN_VOICED_FRACTION", "ReconcileReport", "VoiceListener"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Library:
         self,
         config: VoicesConfig,
         cache: ArtifactStore,
-        encoder: Embedder,
+        encoder: SpeakerEncoder,
         *,
         files: FileRecords | None = None,
         engine: Engine | None = None,

@@ -16,14 +16,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 
 from voiced.audio import load_audio, voiced_fraction
 from voiced.config import VoicesConfig
 from voiced.embedding import audio_meta
-from voiced.engines.base import Engine
+from voiced.engines.base import Engine, SpeakerEncoder
 from voiced.errors import AudioError
 from voiced.fsutil import sha256_file
 from voiced.library.files import FileRecord, FileRecords
@@ -46,15 +45,6 @@ MIN_VOICED_FRACTION = 0.1
 Emit = Callable[[str, dict[str, Any]], None]
 
 
-class Embedder(Protocol):
-    """What the library needs of a speaker encoder."""
-
-    model_id: str
-    version: str
-
-    def embed(self, wav: np.ndarray, *, preprocess: bool = True) -> np.ndarray: ...
-
-
 @dataclass(frozen=True)
 class _Job:
     path: str
@@ -70,7 +60,7 @@ class Preparer:
         folder: Folder,
         files: FileRecords,
         prepared: Prepared,
-        encoder: Embedder,
+        encoder: SpeakerEncoder,
         engine: Engine | None,
         preprocess: bool,
         stage_budget_s: float | None,

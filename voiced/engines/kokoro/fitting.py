@@ -43,11 +43,11 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from voiced.engines.base import Conditioning, EngineError
+from voiced.engines.base import Conditioning, EngineError, SpeakerEncoder
 from voiced.engines.kokoro import eqtune, post
 from voiced.engines.kokoro.post import PITCH_RANGE, Voicing, resample_24k_to_16k
 from voiced.fsutil import atomic_writer, read_npz
@@ -63,7 +63,6 @@ EMBED_RATE = 16_000
 DEFAULT_REFINE_BUDGET_S = 60.0
 N_OFFSET_DIMS = 4  # per half (timbre, prosody): offsets along the base styles' principal directions
 FD_STEP = 0.7  # finite-difference step, in base-style stds (smaller drowns in the encoder's noise)
-VOICE_DIRECTIONS = False  # also search along per-half directions towards each base voice
 MAX_DRIFT = 4.0  # how far (in stds) refined styles may move from the quick blend
 DRIFT_PENALTY = 0.02  # cosine points lost per unit (std-scaled) squared offset, averaged over dims
 # The refined voice's EQ is finally tuned through the encoder (eqtune.py) on these sentences plus
@@ -103,10 +102,6 @@ TIME_CAP_FACTOR = 3.0  # real time, in budgets, after which a fit is cut short
 FIT_VERSION = "fit6"
 
 
-class SpeakerEncoderLike(Protocol):
-    def embed(self, wav16k: np.ndarray) -> np.ndarray: ...
-
-
 def _unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64).reshape(-1)
     return v / (np.linalg.norm(v) + 1e-12)
@@ -143,65 +138,10 @@ def _project_simplex(v: np.ndarray) -> np.ndarray:
     return np.maximum(v - theta, 0.0)
 
 
-class CMAES:
-    """A small (mu/mu_w, lambda)-CMA-ES (Hansen's tutorial defaults), enough for ~20 dimensions.
-
-    Written here rather than taken from the ``cma`` package: ~60 lines, no dependency, and the
-    caller needs ask/tell with its own time budget and stop flag anyway.
-    """
-
-    def __init__(self, x0: np.ndarray, sigma: float, seed: int, popsize: int | None = None) -> None:
-        self.n = n = len(x0)
-        self.mean = np.asarray(x0, dtype=np.float64).copy()
-        self.sigma = float(sigma)
-        self.lam = popsize or 4 + int(3 * np.log(n))
-        self.mu = self.lam // 2
-        w = np.log(self.mu + 0.5) - np.log(np.arange(1, self.mu + 1))
-        self.w = w / w.sum()
-        self.mueff = 1.0 / np.sum(self.w**2)
-        self.cc = (4 + self.mueff / n) / (n + 4 + 2 * self.mueff / n)
-        self.cs = (self.mueff + 2) / (n + self.mueff + 5)
-        self.c1 = 2 / ((n + 1.3) ** 2 + self.mueff)
-        self.cmu = min(1 - self.c1, 2 * (self.mueff - 2 + 1 / self.mueff) / ((n + 2) ** 2 + self.mueff))
-        self.damps = 1 + 2 * max(0.0, np.sqrt((self.mueff - 1) / (n + 1)) - 1) + self.cs
-        self.chin = np.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n**2))
-        self.pc = np.zeros(n)
-        self.ps = np.zeros(n)
-        self.C = np.eye(n)
-        self.B = np.eye(n)
-        self.D = np.ones(n)
-        self.gen = 0
-        self.rng = np.random.default_rng(seed)
-
-    def ask(self) -> np.ndarray:
-        z = self.rng.standard_normal((self.lam, self.n))
-        return self.mean + self.sigma * (z * self.D) @ self.B.T
-
-    def tell(self, xs: np.ndarray, losses: np.ndarray) -> None:
-        """Update from candidates ``xs`` and their ``losses`` (lower is better)."""
-        order = np.argsort(losses, kind="stable")[: self.mu]
-        old = self.mean
-        y = (xs[order] - old) / self.sigma
-        self.mean = old + self.sigma * (self.w @ y)
-        yw = self.w @ y
-        c_inv_sqrt = self.B @ np.diag(1 / self.D) @ self.B.T
-        self.ps = (1 - self.cs) * self.ps + np.sqrt(self.cs * (2 - self.cs) * self.mueff) * (c_inv_sqrt @ yw)
-        self.gen += 1
-        hsig = np.linalg.norm(self.ps) / np.sqrt(1 - (1 - self.cs) ** (2 * self.gen)) / self.chin < 1.4 + 2 / (self.n + 1)
-        self.pc = (1 - self.cc) * self.pc + hsig * np.sqrt(self.cc * (2 - self.cc) * self.mueff) * yw
-        rank_mu = (y.T * self.w) @ y
-        self.C = ((1 - self.c1 - self.cmu) * self.C + self.c1 * (np.outer(self.pc, self.pc) + (1 - hsig) * self.cc * (2 - self.cc) * self.C)
-                  + self.cmu * rank_mu)
-        self.sigma *= np.exp((self.cs / self.damps) * (np.linalg.norm(self.ps) / self.chin - 1))
-        self.C = (self.C + self.C.T) / 2
-        evals, self.B = np.linalg.eigh(self.C)
-        self.D = np.sqrt(np.maximum(evals, 1e-20))
-
-
 class StyleFitter:
     """Fits Kokoro style packs to speaker embeddings; built once per engine (see KokoroEngine.fitter)."""
 
-    def __init__(self, engine: Any, encoder: SpeakerEncoderLike, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, engine: Any, encoder: SpeakerEncoder, cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.engine = engine
         self.encoder = encoder
         self.names = tuple(sorted(engine.voices))
@@ -384,16 +324,6 @@ class StyleFitter:
             similarity=round(sim, 4), stock_best=best_name, stock_similarity=round(stock[best_name], 4), **meta,
         )
 
-    def _decode(self, theta: np.ndarray) -> tuple[np.ndarray, float]:
-        """CMA-ES parameters -> (pack, penalty). theta = [blend logits (V), offsets (2*N_OFFSET_DIMS)]."""
-        v = len(self.names)
-        logits = theta[:v]
-        w = np.exp(logits - logits.max())
-        w /= w.sum()
-        offsets = theta[v:]
-        pack = np.tensordot(w, self.packs, axes=1) + (offsets @ self._basis)[None, :]
-        return pack, DRIFT_PENALTY * float(np.mean(offsets**2))
-
     def refine(
         self,
         target: np.ndarray,
@@ -414,8 +344,7 @@ class StyleFitter:
         EQ. ``method="jacobian"`` (default): trust-region Gauss-Newton on the embedding, with the
         Jacobian of embedding w.r.t. style offsets estimated by finite differences and kept up to
         date by Broyden updates; every evaluation yields a 256-d embedding, not just a score,
-        which makes it about twice as sample-efficient as CMA-ES here.
-        ``method="cmaes"``: CMA-ES on blend logits + offsets, seeded from the embedding bytes.
+        which makes it about twice as sample-efficient as an evolution strategy here.
         ``method="gradient"`` (torch backend only): Adam through the network, see gradfit.py;
         ``max_evals`` then counts its steps.
         ``reference`` (16 kHz) gives the spectrum to match; without it the one the quick stage
@@ -428,7 +357,7 @@ class StyleFitter:
         t0 = clock.now()
         t = _unit(target)
         budget = max(0.0, DEFAULT_REFINE_BUDGET_S if budget_s is None else float(budget_s))
-        if method not in ("jacobian", "cmaes", "gradient"):
+        if method not in ("jacobian", "gradient"):
             raise EngineError(f"unknown refine method {method!r}")
         if previous is None or "weights" not in previous.meta:
             previous = self.quick(t, reference)
@@ -448,10 +377,7 @@ class StyleFitter:
         state = _Budget(clock, t0, cap, evals)
         start = self._previous_point(previous)
         start = self._search_warp(t, start, ref_bands, state)
-        if method == "jacobian":
-            best, offsets, w = self._refine_jacobian(t, previous, start, ref_bands, state)
-        else:
-            best, offsets, w = self._refine_cmaes(t, previous, start, ref_bands, state)
+        best, offsets, w = self._refine_jacobian(t, previous, start, ref_bands, state)
         meta: dict[str, Any] = {k: previous.meta[k] for k in ("reference_bands_db",) if k in previous.meta}
         cut = state.cut
         if tune and eq_steps > 0:
@@ -617,7 +543,7 @@ class StyleFitter:
                          state: _Budget) -> tuple[_Point, np.ndarray, np.ndarray]:
         base, warp, pitch = start.pack, start.warp, start.pitch
         w = self._weights(previous)
-        basis = self._jacobian_basis(base) if VOICE_DIRECTIONS else self._basis
+        basis = self._basis
         n = len(basis)
         d = np.zeros(n)
         best, best_d = start, d.copy()
@@ -661,57 +587,6 @@ class StyleFitter:
                 if radius < 0.2:  # the model is stale: re-estimate it at the current point
                     jac, radius = None, 1.0
         return best, best_d, w
-
-    def _jacobian_basis(self, base: np.ndarray) -> np.ndarray:
-        """PCA offsets plus, per half, the direction from the blend towards each base voice.
-
-        Mixing one voice's timbre half with another's prosody half is a move the quick blend
-        cannot make; the directions are scaled to the PCA std's norm so one step size fits all.
-        """
-        dims = base.shape[1]
-        unit = float(np.median(np.linalg.norm(self._basis, axis=1)))
-        extra = []
-        centre = base.mean(axis=0)
-        for pack in self.packs:
-            diff = pack.mean(axis=0) - centre
-            for half in (slice(0, dims // 2), slice(dims // 2, dims)):
-                v = np.zeros(dims)
-                v[half] = diff[half]
-                norm = np.linalg.norm(v)
-                if norm > 1e-6:
-                    extra.append(v * (unit / norm))
-        return np.concatenate([self._basis, np.asarray(extra).reshape(-1, dims)])
-
-    def _refine_cmaes(self, t: np.ndarray, previous: Conditioning, start: _Point, ref_bands: np.ndarray | None,
-                      state: _Budget) -> tuple[_Point, np.ndarray, np.ndarray]:
-        v = len(self.names)
-        w0 = self._weights(previous)
-        logits0 = np.log(np.maximum(w0, 1e-3))
-        x0 = np.concatenate([logits0 - logits0.max(), np.zeros(len(self._basis))])
-        seed = int.from_bytes(hashlib.sha256(np.asarray(t, np.float32).tobytes()).digest()[:8], "little")
-        es = CMAES(x0, sigma=0.6, seed=seed, popsize=8)
-        best, best_x, best_fit = start, x0, start.sim
-        while not state.exhausted():
-            xs = es.ask()
-            losses = np.empty(len(xs))
-            for i, x in enumerate(xs):
-                pack, penalty = self._decode(x)
-                out = state.run(lambda pack=pack: self._evaluate(pack, start.warp, ref_bands, start.pitch))
-                if out is None:
-                    break
-                sim = float(out[0] @ t)
-                losses[i] = penalty - sim
-                if sim - penalty > best_fit:
-                    best, best_x, best_fit = _Point(pack, start.warp, out[1], sim, start.pitch), x, sim - penalty
-            else:
-                es.tell(xs, losses)
-                continue
-            break
-        if best_x is x0:
-            return best, np.zeros(len(self._basis)), w0
-        w = np.exp(best_x[:v] - best_x[:v].max())
-        return best, best_x[v:], w / w.sum()
-
 
 class _Point:
     """A candidate voice: style pack, warp, matched EQ (or None), its similarity, pitch."""
@@ -838,4 +713,4 @@ def _unit_rows(m: np.ndarray) -> np.ndarray:
     return m / (np.linalg.norm(m, axis=-1, keepdims=True) + 1e-12)
 
 
-__all__ = ["CALIBRATION_TEXTS", "CMAES", "StyleFitter", "blend_weights", "work_for_budget"]
+__all__ = ["CALIBRATION_TEXTS", "StyleFitter", "blend_weights", "work_for_budget"]
