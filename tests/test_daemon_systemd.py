@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from voiced.client import Client
 from voiced.testing import DaemonProcess
@@ -63,16 +65,34 @@ class Manager:
         self._thread.join(2)
 
 
+# An injected fault: a plugin whose text hook never returns for text that starts with "HANG",
+# as a model call stuck in a driver would. The daemon carries no test hook of its own.
+HANG_PLUGIN = """
+import threading
+from voiced.hookspecs import hookimpl
+
+NEVER = threading.Event()
+
+@hookimpl
+def voiced_preprocess_text(text):
+    if text.startswith("HANG"):
+        NEVER.wait()
+"""
+
+
 @pytest.mark.slow
 def test_notify_ready_watchdog_reload_stop(tmp_path: Path, testdata_dir: Path) -> None:
-    daemon = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0.0}})
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "hang.py").write_text(HANG_PLUGIN)
+    daemon = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0.0}, "plugins": {"paths": [str(faults)]},
+                                      "server": {"stop_timeout_s": 2.0}})
     (daemon.voices / "allison.wav").write_bytes((testdata_dir / "voices" / "allison_a.wav").read_bytes())
     endpoint = daemon.tcp
     manager = Manager(tmp_path / "notify.sock")
     env = {
         "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
         "WATCHDOG_USEC": "1000000",  # pings every 0.5 s
-        "VOICED_TEST_HANG_SIGNAL": "1",
         "WATCHDOG_PID": "",  # not inherited from a manager running the tests
     }
     started = time.monotonic()
@@ -103,14 +123,19 @@ def test_notify_ready_watchdog_reload_stop(tmp_path: Path, testdata_dir: Path) -
         manager.wait_for("READY", after=reloading)
         assert any("MONOTONIC_USEC" in m for t, m in manager.messages if t >= hup)
 
-        # a hung synthesis worker stops the pings (the stall limit here is 5 s)
+        # a synthesis stuck inside a call stops the pings (the stall limit here is 5 s)
+        daemon.wait_ready("allison")
+        stuck = zmq.Context.instance().socket(zmq.DEALER)
+        stuck.setsockopt(zmq.LINGER, 0)
+        stuck.connect(endpoint)
         hang = time.monotonic()
-        proc.send_signal(signal.SIGUSR2)
+        stuck.send(json.dumps({"op": "synthesize", "id": 1, "text": "HANG here.", "voice": "allison"}).encode())
         time.sleep(7.0)
         quiet_from = time.monotonic()
         time.sleep(2.0)
         assert manager.times("WATCHDOG", quiet_from, time.monotonic()) == [], "pings must stop while the worker hangs"
         assert manager.times("WATCHDOG", hang, hang + 3.0), "pings went on until the stall limit"
+        assert not stuck.poll(0), "the request is still stuck in its hook"
         with Client(endpoint, timeout_s=5) as client:
             assert client.ping()["protocol"] == 1  # the socket itself is still served
 
@@ -119,6 +144,7 @@ def test_notify_ready_watchdog_reload_stop(tmp_path: Path, testdata_dir: Path) -
         proc.send_signal(signal.SIGTERM)
         manager.wait_for("STOPPING", after=term)
         assert proc.wait(60) == 0
+        stuck.close()
     finally:
         daemon.kill()
         manager.close()

@@ -311,9 +311,6 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
-    if os.environ.get("VOICED_TEST_HANG_SIGNAL"):
-        # test hook: SIGUSR2 hangs the synthesis side, so a test can watch the watchdog stop
-        signal.signal(signal.SIGUSR2, lambda *_: daemon.server and daemon.server.worker_hang.set())
     try:
         daemon.start()
         daemon.run_forever()

@@ -129,7 +129,6 @@ class Server:
         self._stop = threading.Event()
         self.loop_heartbeat = time.monotonic()
         self.worker_heartbeat = time.monotonic()
-        self.worker_hang = threading.Event()  # a test hook: makes the worker stop answering
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -267,8 +266,7 @@ class Server:
         while True:
             with self._roles:
                 while self._leader is not None and not self._stop.is_set():
-                    if not self.worker_hang.is_set():  # test hook: a hung worker stops beating
-                        self.worker_heartbeat = time.monotonic()
+                    self.worker_heartbeat = time.monotonic()
                     self._roles.wait(1.0)
                 if self._stop.is_set():
                     return
@@ -388,8 +386,6 @@ class Server:
     def _work(self, job: Job | None) -> None:
         """Run ``job``, then every job queued meanwhile; the model is this thread's until the queue is empty."""
         while job is not None:
-            while self.worker_hang.is_set() and not self._stop.is_set():
-                time.sleep(0.05)  # test hook: a hung model worker (no heartbeat, no work)
             self.worker_heartbeat = time.monotonic()
             if not self._stop.is_set():
                 try:
