@@ -8,8 +8,9 @@
 
 Each module declares its settings as a dataclass ``Settings`` (keys of ``[plugins.NAME]``)
 and a factory ``plugin(settings)`` returning the object whose ``@hookimpl`` methods voiced
-calls (see ``voiced/hookspecs.py`` for the hooks and ``voiced/plugins.py`` for how they are
-loaded and called):
+calls (see ``voiced/hooks/specs.py`` for the hooks and ``voiced/hooks/host.py`` for how they
+are loaded and called). They are declared in the entry-point group ``voiced.optional`` of
+voiced's ``pyproject.toml``, as any package's optional plugins would be:
 
 * ``loudness`` - normalise to a target integrated loudness (ITU-R BS.1770) under a true-peak ceiling
 * ``trim``     - trim leading/trailing silence, then pad and fade

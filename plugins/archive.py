@@ -36,9 +36,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from voiced.hookspecs import hookimpl
 from voiced.fsutil import atomic_write, fsync_dir
-from voiced.plugins import PluginSettings
+from voiced.hooks import PluginSettings, hookimpl
 
 log = logging.getLogger(__name__)
 

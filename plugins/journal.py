@@ -26,8 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from voiced.hookspecs import hookimpl
-from voiced.plugins import PluginSettings
+from voiced.hooks import PluginSettings, hookimpl
 
 
 @dataclass(frozen=True, kw_only=True)

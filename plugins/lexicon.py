@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from voiced.hookspecs import hookimpl
-from voiced.plugins import PluginSettings
+from voiced.hooks import PluginSettings, hookimpl
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -33,8 +33,7 @@ import pyloudnorm
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 from scipy.signal import resample_poly
 
-from voiced.hookspecs import hookimpl
-from voiced.plugins import PluginSettings
+from voiced.hooks import PluginSettings, hookimpl
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from voiced.hookspecs import hookimpl
-from voiced.plugins import PluginSettings
+from voiced.hooks import PluginSettings, hookimpl
 
 FRAME_S = 0.010
 

@@ -38,7 +38,7 @@ from voiced.testing import DaemonProcess, free_port
 
 QUIETER = """
 import numpy as np
-from voiced.hookspecs import hookimpl
+from voiced.hooks import hookimpl
 
 @hookimpl
 def voiced_postprocess_audio(audio, request):
@@ -651,8 +651,8 @@ def test_sighup_reloads_and_sigterm_exits_cleanly(tmp_path: Path, clips: dict[st
 
 
 IDLE_PROBE = """
-from voiced.builtin_engines import kokoro_factory
-from voiced.hookspecs import hookimpl
+from voiced.hooks.builtin import kokoro_factory
+from voiced.hooks import hookimpl
 
 def probe_factory(context):
     engine = kokoro_factory(context)

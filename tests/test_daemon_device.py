@@ -22,7 +22,7 @@ TONE_ENGINE = """
 import numpy as np
 
 from voiced.engines.base import Conditioning, Engine
-from voiced.hookspecs import hookimpl
+from voiced.hooks import hookimpl
 
 
 class ToneEngine(Engine):

@@ -69,7 +69,7 @@ class Manager:
 # as a model call stuck in a driver would. The daemon carries no test hook of its own.
 HANG_PLUGIN = """
 import threading
-from voiced.hookspecs import hookimpl
+from voiced.hooks import hookimpl
 
 NEVER = threading.Event()
 

@@ -15,8 +15,7 @@ import soundfile as sf
 
 from voiced.config import PluginsConfig
 from voiced.errors import ConfigError, VoicedError
-from voiced.hookspecs import hookimpl
-from voiced.plugins import PluginError, PluginHost, new_request
+from voiced.hooks import PluginError, PluginHost, hookimpl, new_request
 
 RATE = 24000
 VOICES = Path(os.environ.get("VOICED_TESTDATA") or Path(__file__).parents[1].parent / "shared" / "testdata") / "voices"
@@ -85,6 +84,8 @@ def test_in_process_plugins_chain_in_the_given_order() -> None:
 
 
 def test_path_plugins_load_by_name_order_after_first_party(tmp_path: Path) -> None:
+    # a_upper imports from voiced.hookspecs and voiced.plugins, where these names were first
+    # documented: plugins written that way keep working
     (tmp_path / "b_wolf.py").write_text(textwrap.dedent("""
         from voiced.hookspecs import hookimpl
 
@@ -144,8 +145,7 @@ def test_entry_point_plugins_are_loaded(tmp_path: Path, monkeypatch: pytest.Monk
 DOC_EXAMPLE = '''
 from dataclasses import dataclass
 import numpy as np
-from voiced.hookspecs import hookimpl
-from voiced.plugins import PluginSettings
+from voiced.hooks import PluginSettings, hookimpl
 
 @dataclass(frozen=True, kw_only=True)
 class Settings(PluginSettings):          # the keys of [plugins.drive], typed, with defaults
@@ -171,6 +171,48 @@ def test_the_documented_example_plugin_works(tmp_path: Path) -> None:
     assert np.allclose(out, np.tanh(2.0 * np.array([0.0, 0.5, 1.0])) / np.tanh(2.0), atol=1e-6)
     with pytest.raises(ConfigError, match=r"\[plugins.drive\] amount: expected number"):
         host(paths=(tmp_path,), settings={"drive": {"amount": "lots"}})
+
+
+def test_first_party_plugins_are_entry_points_like_any_package_s() -> None:
+    """Every module in plugins/ is declared in the group voiced.optional, and the install has them."""
+    import pkgutil
+
+    import plugins as package
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from voiced.hooks import optional_names
+
+    modules = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert declared["voiced.optional"] == {name: f"plugins.{name}" for name in modules}
+    assert set(modules) <= set(optional_names())
+    h = host(("trim",))
+    assert h.names() == ["builtin", "trim"] and h.status()["loaded"][1]["source"] == "first-party"
+
+
+def test_a_package_s_optional_plugin_stays_off_until_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "voiced_hush.py").write_text(textwrap.dedent("""
+        from voiced.hooks import hookimpl
+
+        @hookimpl
+        def voiced_preprocess_text(text):
+            return text.lower()
+    """))
+    dist = site / "voiced_hush-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: voiced-hush\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[voiced.optional]\nhush = voiced_hush\n")
+    monkeypatch.syspath_prepend(str(site))
+    assert "hush" not in host(entry_points=True).names()
+    h = host(("hush", "lexicon"), settings={"lexicon": {"entries": {"hi": "HELLO"}}}, entry_points=True)
+    assert h.names()[:3] == ["builtin", "hush", "lexicon"]  # in the order enabled names them
+    assert h.preprocess_text("Hi There", "alice", {}) == "HELLO there"
+    assert any(p["name"] == "hush" and p["source"] == "package voiced-hush" for p in h.status()["loaded"])
 
 
 def test_unknown_first_party_name_is_a_config_error() -> None:
@@ -285,7 +327,7 @@ def test_bad_return_values_are_plugin_errors() -> None:
 def test_trace_switch_logs_every_call(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("VOICED_TRACE_PLUGINS", "1")
     h = host(extra=[("a", Marker("A"))])
-    caplog.set_level(logging.INFO, logger="voiced.plugins")
+    caplog.set_level(logging.INFO, logger="voiced.hooks.host")
     h.preprocess_text("x", "alice", {})
     assert "plugin a: voiced_preprocess_text took" in caplog.text
     monkeypatch.delenv("VOICED_TRACE_PLUGINS")

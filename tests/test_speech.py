@@ -12,8 +12,8 @@ import soundfile as sf
 
 from voiced.config import PluginsConfig
 from voiced.engines.kokoro import KokoroEngine
-from voiced.hookspecs import hookimpl
-from voiced.plugins import PluginHost
+from voiced.hooks import hookimpl
+from voiced.hooks import PluginHost
 from voiced.protocol import BAD_REQUEST, INTERNAL, ProtocolError, Synthesize, parse_request, Limits
 from voiced.speech import Speech, Utterance
 

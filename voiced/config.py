@@ -146,7 +146,7 @@ class PluginsConfig:
     paths: tuple[Path, ...] = ()
     """Extra folders of plugin modules."""
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    """Each plugin's table ``[plugins.NAME]``, as written; validated by voiced.plugins.PluginHost
+    """Each plugin's table ``[plugins.NAME]``, as written; validated by voiced.hooks.PluginHost
     against the plugin's ``Settings`` (it knows the plugin's keys and types)."""
 
 

@@ -26,7 +26,7 @@ from voiced.engines import Engine
 from voiced.errors import VoicedError
 from voiced.library import Library, VoiceState
 from voiced.notify import Notifier, WatchdogPinger
-from voiced.plugins import PluginHost
+from voiced.hooks import PluginHost
 from voiced.protocol import VOICE_FAILED, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError
 from voiced.server import Server
 from voiced.speech import Speech

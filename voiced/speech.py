@@ -22,7 +22,7 @@ import numpy as np
 
 from voiced.audio_out import AudioWriter
 from voiced.errors import VoicedError
-from voiced.plugins import PluginError, PluginHost, new_request
+from voiced.hooks import PluginError, PluginHost, new_request
 from voiced.protocol import BAD_REQUEST, INTERNAL, ProtocolError, Synthesize
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ FLAKY_ENGINE = '''
 """An engine that fails in the middle of a request: Kokoro, raising after the first sentence of
 any text that asks for it."""
 from voiced.engines.kokoro import KokoroEngine
-from voiced.hookspecs import hookimpl
+from voiced.hooks import hookimpl
 
 
 class FlakyKokoro(KokoroEngine):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from voiced.hookspecs import EngineContext, RegisterEngine, hookimpl
+from voiced.hooks.specs import EngineContext, RegisterEngine, hookimpl
 
 
 def kokoro_factory(context: EngineContext) -> Any:
