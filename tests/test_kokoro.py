@@ -11,7 +11,8 @@ import psutil
 import pytest
 
 from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
-from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, text, torchweights, weights
+from voiced.engines import text
+from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, torchweights, weights
 from voiced.engines.kokoro import engine as kokoro_engine
 from voiced.engines.kokoro.backends import BACKENDS
 from voiced.engines.kokoro.engine import split_phonemes

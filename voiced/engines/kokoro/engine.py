@@ -22,7 +22,8 @@ from voiced.engines.base import (
     check_speed,
     whole_number,
 )
-from voiced.engines.kokoro import phonemes, post, text, weights
+from voiced.engines import text
+from voiced.engines.kokoro import phonemes, post, weights
 from voiced.engines.kokoro.backends import BACKENDS, Backend, TorchBackend, load_backend
 from voiced.engines.kokoro.fitting import FIT_VERSION
 from voiced.engines.kokoro.post import PITCH_RANGE, Voicing

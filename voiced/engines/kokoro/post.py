@@ -29,9 +29,8 @@ SAMPLE_RATE = 24_000
 BAND_EDGES = np.geomspace(100.0, 7600.0, 25)
 BAND_CENTRES = np.sqrt(BAND_EDGES[:-1] * BAND_EDGES[1:])
 N_BANDS = len(BAND_CENTRES)
-# Fitted gains lie in [MIN_GAIN_DB, MAX_GAIN_DB]. Deeper cuts would follow band-limited references
-# (nothing above ~6.5 kHz in the test clips) for about +0.01 similarity, but cost intelligibility:
-# pocketsphinx WER on allison_a's quick voice 12% at -12 dB, 20% at -20 dB, 37% at -40 dB.
+# Fitted gains lie in [MIN_GAIN_DB, MAX_GAIN_DB]: deeper cuts would follow band-limited
+# references for a little similarity and cost much intelligibility.
 MAX_GAIN_DB = 12.0
 MIN_GAIN_DB = -12.0
 LIMIT_DB = 60.0  # what a conditioning may hold at all

@@ -1,6 +1,7 @@
 """User text -> clean sentences: Unicode clean-up, English normalisation, sentence splitting.
 
-Everything here is pure string work (no espeak), so it is cheap to test. English-specific
+The text front end every engine can share: pure string work (no espeak, no model), so it is
+cheap to test. English-specific
 rewriting (numbers, currency, dates, abbreviations) only runs for ``en*`` languages; for other
 languages espeak-ng's own number rules read digits in the right language.
 """
