@@ -10,6 +10,7 @@ Nothing here touches sockets, so the same code validates requests in the server 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -188,36 +189,35 @@ def parse_request(frame: bytes, limits: Limits) -> Request:
             raise ProtocolError(BAD_REQUEST, f"{name} is required for op {op}")
     args: Args = None
     if op == "synthesize":
-        _check_synthesize(fields, limits)
-        args = Synthesize(
-            text=fields["text"], voice=fields["voice"], format=fields["format"], stream=bool(fields.get("stream")),
-            params=fields.get("params") or {}, sample_rate=fields.get("sample_rate"),
-            wait_s=float(fields.get("wait_s") or 0.0),
-        )
+        args = check_synthesize(Synthesize(
+            text=fields["text"], voice=fields["voice"], format=fields.get("format", "wav"),
+            stream=bool(fields.get("stream")), params=fields.get("params") or {}, sample_rate=fields.get("sample_rate"),
+            wait_s=fields.get("wait_s") or 0.0,
+        ), limits)
     elif op == "embed":
         args = Embed(voice=fields["voice"])
     return Request(op=op, id=request_id, args=args)
 
 
-def _check_synthesize(fields: dict[str, Any], limits: Limits) -> None:
-    text = fields["text"]
+def check_synthesize(request: Synthesize, limits: Limits) -> Synthesize:
+    """``request`` if every value is within the daemon's limits (``wait_s`` as a float); raises
+    :class:`ProtocolError` otherwise. Every front door checks its requests here."""
+    text, fmt, rate, wait = request.text, request.format, request.sample_rate, request.wait_s
     if len(text) > limits.max_text_chars:
         raise ProtocolError(TEXT_TOO_LONG, f"text has {len(text)} characters; the limit is {limits.max_text_chars}")
-    fmt = fields.setdefault("format", "wav")
     if fmt not in FORMATS:
         raise ProtocolError(BAD_REQUEST, f"format must be one of {', '.join(FORMATS)}, not {fmt[:32]!r}")
-    if fields.get("stream") and fmt not in STREAM_FORMATS:
+    if request.stream and fmt not in STREAM_FORMATS:
         raise ProtocolError(BAD_REQUEST, f"format {fmt} cannot stream; use one of {', '.join(STREAM_FORMATS)}")
-    rate = fields.get("sample_rate")
     if rate is not None and not 8000 <= rate <= 192000:
         raise ProtocolError(BAD_REQUEST, f"sample_rate must be within 8000..192000, got {short_repr(rate)}")
     if rate is not None and fmt == "mp3" and rate not in MP3_RATES:
         raise ProtocolError(BAD_REQUEST, f"sample_rate for mp3 must be one of {', '.join(map(str, MP3_RATES))}, got {rate}")
-    wait = fields.get("wait_s")
-    if wait is not None and not (0 <= wait <= 3600 and math.isfinite(wait)):  # bounds first: a huge int overflows isfinite
+    if not (0 <= wait <= 3600 and math.isfinite(wait)):  # bounds first: a huge int overflows isfinite
         raise ProtocolError(BAD_REQUEST, f"wait_s must be within 0..3600, got {short_repr(wait)}")
-    if not fields["voice"] or len(fields["voice"]) > 1024:
+    if not request.voice or len(request.voice) > 1024:
         raise ProtocolError(BAD_REQUEST, "voice must be a non-empty name of at most 1024 characters")
+    return request if isinstance(wait, float) else dataclasses.replace(request, wait_s=float(wait))
 
 
 def _reject_constant(name: str) -> Any:

@@ -36,6 +36,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,6 +56,7 @@ from voiced.protocol import (
     ProtocolError,
     Request,
     Synthesize,
+    check_synthesize,
     clip_message,
     encode,
     error_reply,
@@ -62,7 +64,7 @@ from voiced.protocol import (
     parse_request,
     peek_id,
 )
-from voiced.server.admission import Admission, Job, Voices
+from voiced.server.admission import Admission, Job, Reply, Voices
 from voiced.speech import Piece, Speech
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,21 @@ class Server:
         if self.auth is not None:
             self.auth.configure()
 
+    def submit(self, request: Synthesize, reply: Reply, *, request_id: Any = None) -> None:
+        """Admit a synthesis request from another front door; safe from any thread.
+
+        It takes the same path as a ZeroMQ request: the same limits, queue, voices, hooks and
+        synthesis threads. Raises :class:`ProtocolError` when it is refused at once (over a
+        limit, busy, an unknown or failed voice, a voice not ready and no ``wait_s``); otherwise
+        the answer goes to ``reply``, from the thread that synthesizes it."""
+        try:
+            request = check_synthesize(request, self.limits)
+            self.admission.admit(Job(reply, request_id, request, time.monotonic()))
+        except ProtocolError:
+            self.stats.observe(0.0, False)
+            raise
+        self._wake_leader()  # it sleeps on the socket: the job may be reserved for it
+
     def queue_depth(self) -> int:
         return self.admission.depth()
 
@@ -297,7 +314,7 @@ class Server:
                     self._send(reply)
             for job, exc in self.admission.recheck():
                 self.stats.observe(time.monotonic() - job.received, False)
-                self._send(job.envelope + [error_reply(job.id, exc.code, exc.message, **exc.details)])
+                job.reply.refused(exc)
             job = self.admission.take()
             if job is not None:
                 with self._roles:
@@ -352,7 +369,8 @@ class Server:
             return [envelope + [error_reply(peek_id(frame), exc.code, exc.message, **exc.details)]]
         try:
             if isinstance(request.args, Synthesize):
-                self.admission.admit(Job(envelope, request.id, request.args, started))
+                reply = _Peer(self, envelope, request.id, request.args.stream)
+                self.admission.admit(Job(reply, request.id, request.args, started))
                 return []
             reply = self._answer(request)
         except ProtocolError as exc:
@@ -404,18 +422,17 @@ class Server:
                 if piece.final:
                     last = piece
                     continue
-                part = {"id": job.id, "ok": True, "seq": piece.seq, "final": False, **utterance.header}
-                self._send(job.envelope + [encode(part), piece.data])
+                job.reply.chunk({"seq": piece.seq, **utterance.header}, piece.data)
         except ProtocolError as exc:
             self._fail(job, exc.code, exc.message)
             return
         total_s = time.monotonic() - job.received
         timings = {"queue_s": round(queued_s, 6), "engine_s": round(utterance.engine_s, 6),
                    "total_s": round(total_s, 6)}
-        final = {"id": job.id, "ok": True, **utterance.header, "duration_s": round(utterance.duration_s, 4), **timings}
+        final = {**utterance.header, "duration_s": round(utterance.duration_s, 4), **timings}
         if job.speech.stream:
-            final.update(seq=last.seq, final=True)
-        self._send(job.envelope + [encode(final), last.data])
+            final["seq"] = last.seq
+        job.reply.done(final, last.data)
         self.stats.observe(total_s, True)
         utterance.finish({**timings, "duration_s": round(utterance.duration_s, 4)})  # after the reply is on its way
 
@@ -425,9 +442,33 @@ class Server:
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         self.stats.observe(time.monotonic() - job.received, False)
-        reply = error_reply(job.id, code, message)
-        if job.speech.stream:
-            # a stream that already sent chunks ends with a final error message
-            reply = encode({"id": job.id, "ok": False, "final": True,
+        job.reply.fail(code, message)
+
+
+class _Peer:
+    """The reply to a ZeroMQ client: messages to its envelope through the shared ROUTER."""
+
+    def __init__(self, server: Server, envelope: list[bytes], request_id: Any, stream: bool) -> None:
+        self.server = server
+        self.envelope = envelope
+        self.id = request_id
+        self.stream = stream
+
+    def chunk(self, header: Mapping[str, Any], data: bytes) -> None:
+        self.server._send(self.envelope + [encode({"id": self.id, "ok": True, **header, "final": False}), data])
+
+    def done(self, header: Mapping[str, Any], data: bytes) -> None:
+        final = {"id": self.id, "ok": True, **header}
+        if self.stream:
+            final["final"] = True
+        self.server._send(self.envelope + [encode(final), data])
+
+    def fail(self, code: str, message: str) -> None:
+        reply = error_reply(self.id, code, message)
+        if self.stream:  # a stream that already sent chunks ends with a final error message
+            reply = encode({"id": self.id, "ok": False, "final": True,
                             "error": {"code": code, "message": clip_message(message)}})
-        self._send(job.envelope + [reply])
+        self.server._send(self.envelope + [reply])
+
+    def refused(self, error: ProtocolError) -> None:
+        self.server._send(self.envelope + [error_reply(self.id, error.code, error.message, **error.details)])
