@@ -775,3 +775,61 @@ def test_voices_watch_follows_a_drop_until_all_are_done(tmp_path: Path, clips: d
         assert last["voices"] == 3 and last["states"] == {"ready": 3} and sum(last["stages"].values()) == 3
     finally:
         assert daemon.stop() == 0
+
+
+SIDE_DOOR = """
+import json
+from pathlib import Path
+
+from voiced.hooks import hookimpl
+from voiced.protocol import Synthesize
+
+OUT = Path(__file__).with_name("side-door")
+
+
+class Answer:
+    def chunk(self, header, data):
+        raise AssertionError("not a stream")
+
+    def done(self, header, data):
+        (OUT / "reply.wav").write_bytes(data)
+        (OUT / "header.json").write_text(json.dumps(header))
+
+    def fail(self, code, message):
+        (OUT / "error.txt").write_text(f"{code}: {message}")
+
+    def refused(self, error):
+        (OUT / "error.txt").write_text(f"{error.code}: {error.message}")
+
+
+@hookimpl
+def voiced_serve(service):
+    OUT.mkdir(exist_ok=True)
+    (OUT / "info.json").write_text(json.dumps({"sample_rate": service.sample_rate, "voices": service.voices()}))
+    # a voice that is not there yet: the request waits for it, as a ZeroMQ one with wait_s would
+    service.submit(Synthesize(text="Through the side door.", voice="allison", wait_s=300), Answer(), request_id="side")
+"""
+
+
+def test_a_plugin_opens_a_front_door_onto_the_daemon(tmp_path: Path, clips: dict[str, Path]) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "side_door.py").write_text(SIDE_DOOR)
+    out = tmp_path / "plugins" / "side-door"
+    d = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0}, "plugins": {"paths": [tmp_path / "plugins"]}}).start()
+    try:
+        info = json.loads((out / "info.json").read_text())
+        assert info == {"sample_rate": 24000, "voices": []}
+        shutil.copyfile(clips["allison_a"], d.voices / "allison.wav")
+        deadline = time.monotonic() + 300
+        while not (out / "header.json").exists() and not (out / "error.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (out / "error.txt").exists(), (out / "error.txt").read_text()
+        header = json.loads((out / "header.json").read_text())
+        audio, rate = decode((out / "reply.wav").read_bytes())
+        assert header["voice"]["name"] == "allison" and rate == header["sample_rate"] == 24000
+        assert header["duration_s"] == pytest.approx(len(audio) / rate, abs=1e-3) and len(audio) > rate // 2
+        with d.client() as client:
+            assert client.status()["requests"]["served"] >= 1  # counted with the ZeroMQ door's
+    finally:
+        code = d.stop()
+    assert code == 0

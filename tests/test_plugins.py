@@ -121,21 +121,25 @@ def test_path_plugins_load_by_name_order_after_first_party(tmp_path: Path) -> No
     assert h.settings("a_upper").suffix == "?"
 
 
+def install(site: Path, monkeypatch: pytest.MonkeyPatch, name: str, group: str, body: str) -> None:
+    """An installed distribution voiced-NAME whose module voiced_NAME is declared in ``group``."""
+    site.mkdir(exist_ok=True)
+    (site / f"voiced_{name}.py").write_text(textwrap.dedent(body))
+    dist = site / f"voiced_{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: voiced-{name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{name} = voiced_{name}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
 def test_entry_point_plugins_are_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "voiced_shout.py").write_text(textwrap.dedent("""
+    install(tmp_path / "site", monkeypatch, "shout", "voiced", """
         from voiced.hookspecs import hookimpl
 
         @hookimpl
         def voiced_preprocess_text(text):
             return text.upper()
-    """))
-    dist = site / "voiced_shout-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: voiced-shout\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[voiced]\nshout = voiced_shout\n")
-    monkeypatch.syspath_prepend(str(site))
+    """)
     h = host(("lexicon",), settings={"lexicon": {"entries": {"hi": "hello"}}}, entry_points=True)
     assert "shout" in h.names() and h.names().index("shout") > h.names().index("lexicon")
     assert h.preprocess_text("hi there", "alice", {}) == "HELLO THERE"
@@ -194,20 +198,13 @@ def test_first_party_plugins_are_entry_points_like_any_package_s() -> None:
 
 
 def test_a_package_s_optional_plugin_stays_off_until_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "voiced_hush.py").write_text(textwrap.dedent("""
+    install(tmp_path / "site", monkeypatch, "hush", "voiced.optional", """
         from voiced.hooks import hookimpl
 
         @hookimpl
         def voiced_preprocess_text(text):
             return text.lower()
-    """))
-    dist = site / "voiced_hush-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: voiced-hush\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[voiced.optional]\nhush = voiced_hush\n")
-    monkeypatch.syspath_prepend(str(site))
+    """)
     assert "hush" not in host(entry_points=True).names()
     h = host(("hush", "lexicon"), settings={"lexicon": {"entries": {"hi": "HELLO"}}}, entry_points=True)
     assert h.names()[:3] == ["builtin", "hush", "lexicon"]  # in the order enabled names them

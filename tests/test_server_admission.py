@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
+from fakes import Shelf
 
-from voiced.protocol import BUSY, VOICE_FAILED, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError, Synthesize
+from voiced.protocol import BUSY, VOICE_FAILED, VOICE_NOT_READY, ProtocolError, Synthesize
 from voiced.server import Admission, Job
 
 
-class Shelf:
-    """Voices by name and state, as the library reports them."""
-
-    def __init__(self, **states: str) -> None:
-        self.states = dict(states)
-
-    def voices(self) -> list[dict[str, Any]]:
-        return [{"name": name, "state": state} for name, state in self.states.items()]
-
-    def voice_for_synthesis(self, name: str) -> tuple[dict[str, Any], Any] | None:
-        state = self.states.get(name)
-        if state is None:
-            raise ProtocolError(VOICE_NOT_FOUND, f"no voice named {name!r}")
-        if state == "failed":
-            raise ProtocolError(VOICE_FAILED, f"voice {name!r} failed")
-        return ({"name": name}, f"conditioning of {name}") if state == "ready" else None
-
-
 def job(voice: str, wait_s: float = 0.0, n: int = 0) -> Job:
-    return Job([b"client"], n, Synthesize(text="Hi.", voice=voice, wait_s=wait_s), time.monotonic())
+    # no reply: admission never answers a job, the server does
+    return Job(None, n, Synthesize(text="Hi.", voice=voice, wait_s=wait_s), time.monotonic())
 
 
 def test_the_first_job_is_reserved_then_queued_then_busy() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from fakes import Shelf
 
 from voiced.client import Client, RequestError
 from voiced.config import ServerConfig
@@ -18,34 +19,6 @@ from voiced.protocol import BUSY, TEXT_TOO_LONG, VOICE_FAILED, VOICE_NOT_FOUND, 
 from voiced.server import Server
 from voiced.speech import Speech
 from voiced.testing import free_port
-
-
-class Shelf:
-    """The daemon's side as the server sees it: voices by state, one real conditioning."""
-
-    def __init__(self, conditioning: Any) -> None:
-        self.conditioning = conditioning
-        self.states = {"alice": "ready", "bob": "preparing", "carol": "failed"}
-
-    def voices(self) -> list[dict[str, Any]]:
-        return [{"name": n, "state": s} for n, s in self.states.items()]
-
-    def voice_for_synthesis(self, name: str) -> tuple[dict[str, Any], Any] | None:
-        state = self.states.get(name)
-        if state is None:
-            raise ProtocolError(VOICE_NOT_FOUND, f"no voice named {name!r}")
-        if state == "failed":
-            raise ProtocolError(VOICE_FAILED, f"voice {name!r} failed")
-        return ({"name": name, "sha256": "ab" * 32}, self.conditioning) if state == "ready" else None
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-    def embed(self, name: str) -> dict[str, Any]:
-        return {}
-
-    def reload(self) -> None:
-        pass
 
 
 class Collected:
@@ -80,7 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     engine = KokoroEngine(tmp_path_factory.mktemp("kokoro"), max_chars=20_000)
     engine.load("cpu")
     config = ServerConfig(endpoints=(f"tcp://127.0.0.1:{free_port()}",), queue_size=4, max_text_chars=500)
-    server = Server(config, Shelf(engine.default_conditioning()), Speech(engine))
+    server = Server(config, Shelf(engine.default_conditioning(), alice="ready", bob="preparing", carol="failed"), Speech(engine))
     server.start()
     yield server
     server.stop()

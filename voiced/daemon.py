@@ -2,7 +2,7 @@
 
 Start order: cache -> encoder -> engine (loaded and warmed) -> library worker -> watcher
 (observer first, then the start-up reconcile, so no event falls between the two) -> sockets
-bound -> READY. Stop order is the reverse: stop taking requests, finish those in flight
+bound -> the plugins' front doors (``voiced_serve``) -> ``voiced_startup`` -> READY. Stop order is the reverse: stop taking requests, finish those in flight
 (bounded), stop watching, stop preparing, close the cache last so every finished
 preparation is on disk.
 """
@@ -91,6 +91,7 @@ class Daemon:
         self.watcher = FolderWatcher(self.library, config.voices)
         self.watcher.start()
         self.server.start()
+        self.plugins.serve(self.server)
         self.plugins.startup({
             "version": __version__,
             "pid": os.getpid(),

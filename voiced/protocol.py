@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Protocol, Union
 
 from voiced.errors import short_repr
 
@@ -100,6 +100,24 @@ class Embed:
     """A validated ``embed`` request: the speaker embedding of one voice."""
 
     voice: str
+
+
+class Reply(Protocol):
+    """Where a synthesis job's answer goes: each front door has its own (ZeroMQ frames, an HTTP
+    response, Wyoming events). Called from a synthesis thread, or from the leader for a request
+    refused while it waited; never more than one of them at a time for one job."""
+
+    def chunk(self, header: Mapping[str, Any], data: bytes) -> None:
+        """A streamed piece: ``header`` has ``seq`` and what the audio is; ``data`` its bytes."""
+
+    def done(self, header: Mapping[str, Any], data: bytes) -> None:
+        """The reply's end: ``header`` adds ``duration_s`` and the timings; ``data`` the last bytes."""
+
+    def fail(self, code: str, message: str) -> None:
+        """Synthesis failed, perhaps after chunks were sent; ``code`` is a protocol error code."""
+
+    def refused(self, error: ProtocolError) -> None:
+        """The request was refused while it waited for its voice (timed out, the voice failed, busy)."""
 
 
 # ping, voices, status and reload carry no fields

@@ -9,7 +9,9 @@ A plugin imports what it needs from here::
 export them.)
 """
 
-from voiced.hooks.specs import PROJECT, EngineContext, EngineFactory, RegisterEngine, hookimpl, hookspec
+from voiced.hooks.specs import (
+    PROJECT, EngineContext, EngineFactory, RegisterEngine, SynthesisService, hookimpl, hookspec,
+)
 from voiced.hooks.settings import PluginSettings, build_settings
 from voiced.hooks.sources import optional_names
 from voiced.hooks.host import PluginError, PluginHost, new_request
@@ -22,6 +24,7 @@ __all__ = [
     "PluginHost",
     "PluginSettings",
     "RegisterEngine",
+    "SynthesisService",
     "build_settings",
     "hookimpl",
     "hookspec",

@@ -38,7 +38,7 @@ from voiced.errors import ConfigError, VoicedError
 from voiced.hooks import builtin, sources, specs
 from voiced.hooks.settings import PluginSettings, build_settings
 from voiced.hooks.sources import describe as _describe
-from voiced.hooks.specs import EngineContext, EngineFactory
+from voiced.hooks.specs import EngineContext, EngineFactory, SynthesisService
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +423,10 @@ class PluginHost:
         if hook is None:
             return
         self._broadcast(hook, {"voice": dict(voice)}, policy=False)
+
+    def serve(self, service: SynthesisService) -> None:
+        """Run ``voiced_serve``; raises PluginError for a failing plugin unless it says skip."""
+        self._broadcast("voiced_serve", {"service": service}, policy=True)
 
     def startup(self, daemon_info: Mapping[str, Any]) -> None:
         """Run ``voiced_startup``; raises PluginError for a failing plugin unless it says skip."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import pluggy
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from voiced.engines.base import Engine, SpeakerEncoder
+    from voiced.protocol import Reply, Synthesize
 
 PROJECT = "voiced"
 
@@ -100,6 +101,35 @@ def voiced_startup(daemon_info: dict[str, Any]) -> None:
     ``config`` (the config file or None). Return value: ignored. Raising: with the default
     ``on_error = "fail"`` the daemon does not start (the error names the plugin); with
     ``"skip"`` a warning is logged and start-up goes on.
+    """
+
+
+class SynthesisService(Protocol):
+    """The way in that ``voiced_serve`` hands a plugin opening another front door."""
+
+    @property
+    def sample_rate(self) -> int:
+        """The engine's sample rate (what ``sample_rate`` is when a request leaves it out)."""
+
+    def voices(self) -> list[dict[str, Any]]:
+        """Every voice as the ``voices`` op lists it (``name``, ``state``, ``stage``...)."""
+
+    def submit(self, request: Synthesize, reply: Reply, *, request_id: Any = None) -> None:
+        """Speak ``request`` on the daemon's own path: the same limits, queue, voices, hooks and
+        synthesis threads as a ZeroMQ request. Safe from any thread. Raises
+        :class:`voiced.protocol.ProtocolError` when refused at once (over a limit, ``busy``, an
+        unknown or failed voice, a voice not ready without ``wait_s``); otherwise the answer goes
+        to ``reply`` (:class:`voiced.protocol.Reply`), called from the synthesizing thread."""
+
+
+@hookspec
+def voiced_serve(service: SynthesisService) -> None:
+    """Open another front door (an HTTP API, a Wyoming service...) onto the daemon.
+
+    Runs once on the main thread, after the ZeroMQ sockets are bound and before
+    ``voiced_startup``. Start listening here, on threads of the plugin's own, and stop in
+    ``voiced_shutdown``; requests go through ``service.submit``. Raising: as ``voiced_startup``
+    (the daemon does not start, unless the plugin says ``on_error = "skip"``).
     """
 
 

@@ -13,10 +13,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from typing import Any, Protocol
 
-from voiced.protocol import BUSY, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError, Synthesize
+from voiced.protocol import BUSY, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError, Reply, Synthesize
 
 
 class Voices(Protocol):
@@ -29,24 +28,6 @@ class Voices(Protocol):
 
         Raises ProtocolError for an unknown or failed voice."""
         ...
-
-
-class Reply(Protocol):
-    """Where a synthesis job's answer goes: each front door has its own (ZeroMQ frames, an HTTP
-    response, Wyoming events). Called from a synthesis thread, or from the leader for a request
-    refused while it waited; never more than one of them at a time for one job."""
-
-    def chunk(self, header: Mapping[str, Any], data: bytes) -> None:
-        """A streamed piece: ``header`` has ``seq`` and what the audio is; ``data`` its bytes."""
-
-    def done(self, header: Mapping[str, Any], data: bytes) -> None:
-        """The reply's end: ``header`` adds ``duration_s`` and the timings; ``data`` the last bytes."""
-
-    def fail(self, code: str, message: str) -> None:
-        """Synthesis failed, perhaps after chunks were sent; ``code`` is a protocol error code."""
-
-    def refused(self, error: ProtocolError) -> None:
-        """The request was refused while it waited for its voice (timed out, the voice failed, busy)."""
 
 
 @dataclass

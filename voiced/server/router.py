@@ -212,6 +212,13 @@ class Server:
             raise
         self._wake_leader()  # it sleeps on the socket: the job may be reserved for it
 
+    @property
+    def sample_rate(self) -> int:
+        return self.speech.sample_rate
+
+    def voices(self) -> list[dict[str, Any]]:
+        return self.backend.voices()
+
     def queue_depth(self) -> int:
         return self.admission.depth()
 

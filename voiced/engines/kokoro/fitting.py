@@ -30,6 +30,10 @@ long on a 2-core x86 CPU), not wall-clock time, so a file gives the same voice o
 every machine whatever else the machine is doing: a busy or slow machine takes longer for the
 same voice instead of making a worse one. Only past TIME_CAP_FACTOR times the budget of real
 (unpaused) time is a fit cut short, with a warning, since its result then depends on the machine.
+
+One module (about 720 lines) because the stages share one StyleFitter's state: the base
+voices' cached speech and embeddings, the offset basis and the budget's clock. The gradient
+fit and the EQ tuner, which need none of it, are gradfit.py and eqtune.py.
 """
 
 from __future__ import annotations

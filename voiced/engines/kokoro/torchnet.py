@@ -10,6 +10,9 @@ by 1.5). Parameter names follow Kokoro's published state dict, so its checkpoint
 
 Everything runs in float32 on any torch device; the forward is differentiable from the style to
 the waveform except through the rounding of durations.
+
+One network, one module (about 540 lines): its layers read top to bottom in the order the
+model runs them, next to the parameter names they load.
 """
 
 from __future__ import annotations
