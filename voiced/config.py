@@ -142,7 +142,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class PluginsConfig:
     enabled: tuple[str, ...] = ()
-    """First-party plugins (from plugins/) to enable, by name."""
+    """Plugins to enable, by name, in calling order: the first-party ones (plugins/) and any
+    installed package's plugin declared in the entry-point group ``voiced.optional``."""
     paths: tuple[Path, ...] = ()
     """Extra folders of plugin modules."""
     settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
