@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import TickingClock
 
 from voiced.engines.base import EngineError, ParamError
 from voiced.engines.kokoro import KokoroEngine, gradfit, post
@@ -22,17 +23,6 @@ def _read(testdata_dir, name: str) -> np.ndarray:
     wav, sr = sf.read(testdata_dir / "voices" / name, dtype="float32")
     assert sr == RATE
     return wav
-
-
-class TickingClock:
-    """Moves ``tick`` seconds at each reading: the fit's time follows its work, not the machine."""
-
-    def __init__(self, tick: float = 0.0) -> None:
-        self.tick, self.t = tick, 0.0
-
-    def __call__(self) -> float:
-        self.t += self.tick
-        return self.t
 
 
 def test_f0_track_finds_a_tone_and_nothing_in_silence():

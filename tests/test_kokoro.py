@@ -9,9 +9,10 @@ import time
 import numpy as np
 import psutil
 import pytest
+from fakes import TickingClock
 
-from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
 from voiced.engines import text
+from voiced.engines.base import Conditioning, EngineError, ParamError, TextError
 from voiced.engines.kokoro import MAX_TOKENS, KokoroEngine, graph, post, torchweights, weights
 from voiced.engines.kokoro import engine as kokoro_engine
 from voiced.engines.kokoro.backends import BACKENDS
@@ -612,19 +613,6 @@ def test_eq_tuning_raises_similarity(engine, allison):
     # after: the tuner keeps the silence mask the start gains gave (see EqTuner._sentence), the
     # encoder recomputes it on the equalised audio; a few quiet frames may change sides
     assert float(fitter.embed_audio(post.apply_eq(audio[0], gains)) @ unit) == pytest.approx(after, abs=0.015)
-
-
-class TickingClock:
-    """A clock for the fit that moves ``tick`` seconds at each reading: the fit's time then depends on
-    the work it does, never on the machine's speed or load."""
-
-    def __init__(self, tick: float = 0.0) -> None:
-        self.tick, self.t, self.reads = tick, 0.0, 0
-
-    def __call__(self) -> float:
-        self.reads += 1
-        self.t += self.tick
-        return self.t
 
 
 @pytest.mark.slow
