@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from voiced.protocol import VOICE_FAILED, VOICE_NOT_FOUND, ProtocolError
+
+# A plugin folder with weightless engines (``tone``), registered through the engine hook like any
+# other: ``{"plugins": {"paths": [FAKE_ENGINES]}, "engine": {"name": "tone"}}``.
+FAKE_ENGINES = Path(__file__).parent / "fake_engines"
 
 
 class Shelf:

@@ -1,8 +1,9 @@
 """The daemon on whatever device the machine has: with ``device = "auto"`` a CUDA machine embeds
 voices on the GPU, a machine without one on the CPU, and the embeddings agree with the CPU's.
 
-The engine here is a small plugin (a tone per sentence), so the check covers the daemon's own
-device path, the speaker encoder's, on any machine, without the Kokoro weights.
+The engine here is the tests' weightless one (a tone per request, ``tests/fake_engines``), so the
+check covers the daemon's own device path, the speaker encoder's, on any machine, without the
+Kokoro weights.
 """
 
 from __future__ import annotations
@@ -12,47 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fakes import FAKE_ENGINES
 
 from voiced.config import load_config
 from voiced.embedding import embed_files
 from voiced.encoder import SpeakerEncoder, cosine
 from voiced.testing import DaemonProcess
 
-TONE_ENGINE = """
-import numpy as np
-
-from voiced.engines.base import Conditioning, Engine
-from voiced.hooks import hookimpl
-
-
-class ToneEngine(Engine):
-    name, version, sample_rate, stages = "tone", "1", 16000, ("ready",)
-
-    def load(self, device="auto"):
-        self.device = "cpu"  # a tone needs no accelerator
-
-    def prepare_voice(self, reference, embedding, *, stage, budget_s=None, previous=None, should_stop=None):
-        pitch = 100.0 + 200.0 * float(np.argmax(embedding)) / len(embedding)
-        return Conditioning({"pitch": np.array([pitch], np.float32)}, {"engine": self.name, "stage": stage})
-
-    def default_conditioning(self):
-        return Conditioning({"pitch": np.array([220.0], np.float32)}, {"engine": self.name, "stage": "stock"})
-
-    def synthesize(self, text, conditioning, params):
-        t = np.arange(int(0.05 * len(text) * self.sample_rate)) / self.sample_rate
-        yield (0.2 * np.sin(2 * np.pi * float(conditioning["pitch"][0]) * t)).astype(np.float32)
-
-
-@hookimpl
-def voiced_register_engines(register):
-    register("tone", lambda context: ToneEngine())
-"""
-
 
 def test_voices_are_embedded_on_the_machines_device(tmp_path: Path, testdata_dir: Path) -> None:
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "tone_engine.py").write_text(TONE_ENGINE)
-    settings = {"engine": {"name": "tone"}, "encoder": {"device": "auto"}, "plugins": {"paths": [tmp_path / "plugins"]}}
+    settings = {"engine": {"name": "tone"}, "encoder": {"device": "auto"}, "plugins": {"paths": [FAKE_ENGINES]}}
     clips = [testdata_dir / "voices" / name for name in ("carlo_a.wav", "june_b.wav")]
     with DaemonProcess(tmp_path, settings).start() as daemon:
         for clip in clips:

@@ -1,0 +1,44 @@
+"""A weightless engine for tests that exercise the daemon rather than the voice: one tone per
+request, its pitch drawn from the voice's speaker embedding, so different voices sound different
+and a reply can be told apart from another voice's. Registered through the same hook as any
+engine; point ``[plugins] paths`` at this folder and set ``[engine] name = "tone"``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from voiced.engines.base import Conditioning, Engine
+from voiced.hooks import hookimpl
+
+
+class ToneEngine(Engine):
+    name, version, sample_rate, stages = "tone", "1", 16000, ("ready",)
+
+    def load(self, device: str = "auto") -> None:
+        self.device = "cpu"  # a tone needs no accelerator
+
+    def prepare_voice(self, reference: Any, embedding: np.ndarray, *, stage: str, budget_s: float | None = None,
+                      previous: Any = None, should_stop: Any = None) -> Conditioning:
+        pitch = tone_pitch(embedding)
+        return Conditioning({"pitch": np.array([pitch], np.float32)}, {"engine": self.name, "stage": stage})
+
+    def default_conditioning(self) -> Conditioning:
+        return Conditioning({"pitch": np.array([220.0], np.float32)}, {"engine": self.name, "stage": "stock"})
+
+    def synthesize(self, text: str, conditioning: Conditioning, params: dict[str, Any]) -> Iterator[np.ndarray]:
+        seconds = 0.05 * len(text) / float(params.get("speed", 1.0) or 1.0)
+        t = np.arange(int(seconds * self.sample_rate)) / self.sample_rate
+        yield (0.2 * np.sin(2 * np.pi * float(conditioning["pitch"][0]) * t)).astype(np.float32)
+
+
+def tone_pitch(embedding: np.ndarray) -> float:
+    """The tone (Hz) a voice with this embedding speaks in: 100-300 Hz."""
+    return 100.0 + 200.0 * float(np.argmax(embedding)) / len(embedding)
+
+
+@hookimpl
+def voiced_register_engines(register: Any) -> None:
+    register("tone", lambda context: ToneEngine())
