@@ -307,7 +307,7 @@ def test_say_to_a_player_that_quits_early(daemon: DaemonProcess, speaker: str) -
     assert proc.wait(timeout=120) == 141 and err == ""
 
 
-@pytest.mark.parametrize("fmt", ["flac", "ogg", "mp3", "pcm_s16le", "pcm_f32le"])
+@pytest.mark.parametrize("fmt", ["flac", "ogg", "opus", "mp3", "pcm_s16le", "pcm_f32le"])
 def test_formats_and_resampling(daemon: DaemonProcess, speaker: str, fmt: str) -> None:
     with daemon.client() as client:
         reply = client.synthesize("Formats.", voice=speaker, format=fmt, sample_rate=16000)
@@ -535,7 +535,7 @@ def test_no_request_field_value_reaches_internal(daemon: DaemonProcess, speaker:
         for op in ("embed", "ping", "voices", "status"):
             for value in EXTREMES:
                 _no_internal(sock, {"op": op, "voice": value})
-        for fmt in ("mp3", "ogg", "flac", "wav", "pcm_s16le"):
+        for fmt in ("mp3", "ogg", "opus", "flac", "wav", "pcm_s16le"):
             for rate in (8000, 11025, 44100, 48000, 64000, 96000, 192000):
                 _no_internal(sock, {**valid, "format": fmt, "sample_rate": rate})
 
@@ -545,7 +545,7 @@ def test_no_request_field_value_reaches_internal(daemon: DaemonProcess, speaker:
             optional={
                 "text": st.one_of(st.sampled_from(("Hi.", "One. Two.")), value),
                 "voice": st.one_of(st.just(speaker), value),
-                "format": st.one_of(st.sampled_from(("wav", "mp3", "ogg", "flac", "pcm_s16le", "pcm_f32le")), value),
+                "format": st.one_of(st.sampled_from(("wav", "mp3", "ogg", "opus", "flac", "pcm_s16le", "pcm_f32le")), value),
                 "stream": st.one_of(st.booleans(), value),
                 "sample_rate": st.one_of(st.sampled_from((8000, 22050, 44100, 96000, 192000)), value),
                 "wait_s": st.one_of(st.sampled_from((0, 0.5)), value),

@@ -14,7 +14,7 @@ from voiced.config import PluginsConfig
 from voiced.engines.kokoro import KokoroEngine
 from voiced.hooks import hookimpl
 from voiced.hooks import PluginHost
-from voiced.protocol import BAD_REQUEST, INTERNAL, ProtocolError, Synthesize, parse_request, Limits
+from voiced.protocol import BAD_REQUEST, INTERNAL, Limits, ProtocolError, Synthesize, check_synthesize, parse_request
 from voiced.speech import Speech, Utterance
 
 VOICE = {"name": "alice", "sha256": "ab" * 32, "stage": "stock"}
@@ -98,6 +98,17 @@ def test_resampling_and_formats(engine: KokoroEngine, voice: Any) -> None:
                                                        sample_rate=16000), voice)
     audio, rate = sf.read(io.BytesIO(pieces[-1].data), dtype="float32")
     assert rate == 16000 == utterance.header["sample_rate"] and len(audio) > 8000
+
+
+def test_an_ogg_opus_stream_is_one_playable_file(engine: KokoroEngine, voice: Any) -> None:
+    _, pieces = run(Speech(engine), Synthesize(text=TWO, voice="alice", format="opus", stream=True), voice)
+    assert len(pieces) == 3 and all(p.data for p in pieces[:-1])  # pages leave as sentences are done
+    joined = b"".join(p.data for p in pieces)
+    assert joined[:4] == b"OggS" and b"OpusHead" in joined[:64]
+    audio, rate = sf.read(io.BytesIO(joined), dtype="float32")
+    assert rate == engine.sample_rate and 2.0 < len(audio) / rate < 8.0 and np.abs(audio).max() > 0.05
+    with pytest.raises(ProtocolError, match="sample_rate for opus must be one of 8000, 12000, 16000, 24000, 48000"):
+        check_synthesize(Synthesize(text="Hi.", voice="alice", format="opus", sample_rate=44100), Limits())
 
 
 def test_plugins_see_the_text_shape_the_audio_and_hear_the_whole_reply(engine: KokoroEngine, voice: Any) -> None:

@@ -20,6 +20,7 @@ from voiced import __version__
 from voiced.config import Config, load_config, to_dict, to_toml
 from voiced.errors import ConfigError, VoicedError
 from voiced.logsetup import one_line, setup_logging
+from voiced.protocol import STREAM_FORMATS
 
 log = logging.getLogger("voiced")
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT", help="the text to speak ('-' reads standard input)")
     p.add_argument("--voice", required=True, help="voice name (file name without extension)")
     p.add_argument("-o", "--output", default=None, help="output file ('-' = standard output; default: TEXT-derived .wav)")
-    p.add_argument("--format", default=None, help="wav, flac, ogg, mp3, pcm_s16le, pcm_f32le (default: from -o, else wav)")
+    p.add_argument("--format", default=None, help="wav, flac, ogg, opus, mp3, pcm_s16le, pcm_f32le (default: from -o, else wav)")
     p.add_argument("--stream", action="store_true", help="write audio as it is produced (pcm or ogg)")
     p.add_argument("--speed", type=float, default=None, help="speaking rate, 0.5..2.0")
     p.add_argument("--sample-rate", type=int, default=None, help="resample the output to this rate")
@@ -313,7 +314,7 @@ def _columns(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-_SUFFIX_FORMATS = {".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".oga": "ogg", ".mp3": "mp3",
+_SUFFIX_FORMATS = {".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".oga": "ogg", ".opus": "opus", ".mp3": "mp3",
                    ".pcm": "pcm_s16le", ".raw": "pcm_s16le", ".f32": "pcm_f32le"}
 
 
@@ -321,8 +322,8 @@ def cmd_say(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     output = args.output or "say.wav"
     fmt = args.format or _SUFFIX_FORMATS.get(Path(output).suffix.lower(), "wav")
-    if args.stream and fmt not in ("pcm_s16le", "pcm_f32le", "ogg"):
-        raise VoicedError(f"--stream needs --format pcm_s16le, pcm_f32le or ogg, not {fmt}")
+    if args.stream and fmt not in STREAM_FORMATS:
+        raise VoicedError(f"--stream needs --format {', '.join(STREAM_FORMATS[:-1])} or {STREAM_FORMATS[-1]}, not {fmt}")
     if output == "-":
         _say_into(args, text, fmt, sys.stdout.buffer)
         return 0

@@ -35,10 +35,12 @@ ERROR_CODES = (
     TEXT_TOO_LONG, BUSY, UNAUTHORIZED, INTERNAL,
 )
 
-FORMATS = ("wav", "flac", "ogg", "mp3", "pcm_s16le", "pcm_f32le")
+FORMATS = ("wav", "flac", "ogg", "opus", "mp3", "pcm_s16le", "pcm_f32le")
 # the sample rates MPEG-1, -2 and -2.5 layer III define: mp3 carries no other
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-STREAM_FORMATS = ("pcm_s16le", "pcm_f32le", "ogg")
+# Opus runs at these rates only (RFC 6716); an Ogg Opus stream may hold no other
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+STREAM_FORMATS = ("pcm_s16le", "pcm_f32le", "ogg", "opus")
 
 MAX_ID_CHARS = 256
 
@@ -231,6 +233,8 @@ def check_synthesize(request: Synthesize, limits: Limits) -> Synthesize:
         raise ProtocolError(BAD_REQUEST, f"sample_rate must be within 8000..192000, got {short_repr(rate)}")
     if rate is not None and fmt == "mp3" and rate not in MP3_RATES:
         raise ProtocolError(BAD_REQUEST, f"sample_rate for mp3 must be one of {', '.join(map(str, MP3_RATES))}, got {rate}")
+    if rate is not None and fmt == "opus" and rate not in OPUS_RATES:
+        raise ProtocolError(BAD_REQUEST, f"sample_rate for opus must be one of {', '.join(map(str, OPUS_RATES))}, got {rate}")
     if not (0 <= wait <= 3600 and math.isfinite(wait)):  # bounds first: a huge int overflows isfinite
         raise ProtocolError(BAD_REQUEST, f"wait_s must be within 0..3600, got {short_repr(wait)}")
     if not request.voice or len(request.voice) > 1024:
