@@ -39,7 +39,6 @@ import hmac
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -48,8 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from voiced.doors import AsyncReply, bind_tcp, require_voice, shown_address, split_listen
 from voiced.errors import ConfigError
-from voiced.hooks import PluginSettings, hookimpl
+from voiced.hooks import PluginSettings, SynthesisService, hookimpl
 from voiced.protocol import (
     BAD_REQUEST, BUSY, INTERNAL, MP3_RATES, OPUS_RATES, TEXT_TOO_LONG, UNAUTHORIZED, VOICE_FAILED,
     VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError, Synthesize,
@@ -106,16 +113,6 @@ class Settings(PluginSettings):
             raise ValueError("models: name at least one")
         if not 0 <= self.wait_s <= 3600:
             raise ValueError(f"wait_s: must be within 0..3600, got {self.wait_s}")
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``) -> (host, port); ValueError names the key."""
-    host, sep, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"listen: expected host:port (such as 127.0.0.1:8880), got {listen!r}")
-    return host, int(port)
 
 
 class ApiError(Exception):
@@ -244,38 +241,6 @@ class ApiKeys:
 # ---------------------------------------------------------------------- answers
 
 
-class _Answer:
-    """A :class:`voiced.protocol.Reply` that hands the synthesis thread's pieces to the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        self.gone = False  # the client left: what still comes is dropped
-
-    def _put(self, item: tuple[Any, ...]) -> None:
-        if self.gone:
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the door shut while this was synthesized
-            pass
-
-    def chunk(self, header: Mapping[str, Any], data: bytes) -> None:
-        self._put(("chunk", header, data))
-
-    def done(self, header: Mapping[str, Any], data: bytes) -> None:
-        self._put(("done", header, data))
-
-    def fail(self, code: str, message: str) -> None:
-        self._put(("fail", ProtocolError(code, message)))
-
-    def refused(self, error: ProtocolError) -> None:
-        self._put(("fail", error))
-
-    async def next(self) -> tuple[Any, ...]:
-        return await self._queue.get()
-
-
 class _CutShort(Exception):
     """Synthesis failed after the audio began: the response is broken off, so the client sees an
     incomplete body rather than a short one that looks whole."""
@@ -292,20 +257,18 @@ class OpenAIDoor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = ApiKeys(Path(settings.api_keys_file)) if settings.api_keys_file is not None else None
-        self.service: Any = None
-        self.address: tuple[str, int] | None = None
+        self.service: SynthesisService | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
     # lifecycle
 
     @hookimpl
-    def voiced_serve(self, service: Any) -> None:
-        import uvicorn
-
+    def voiced_serve(self, service: SynthesisService) -> None:
         self.service = service
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop chatter says what ours does
-        sock = self._bind()
+        sock = bind_tcp(*split_listen(self.settings.listen), "[plugins.openai_http] listen")
+        address = shown_address(sock)
         config = uvicorn.Config(self.app(), log_config=None, access_log=False, lifespan="off", http="h11",
                                 ws="none", server_header=False, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
@@ -319,9 +282,7 @@ class OpenAIDoor:
             self._server.should_exit = True
             sock.close()
             raise RuntimeError(f"the HTTP server did not start on {self.settings.listen}")
-        host, port = self.address or ("?", 0)
-        shown = f"[{host}]" if ":" in host else host
-        log.info("openai_http: listening on http://%s:%d%s", shown, port, " (bearer keys)" if self.keys else "")
+        log.info("openai_http: listening on http://%s%s", address, " (bearer keys)" if self.keys else "")
 
     @hookimpl
     def voiced_shutdown(self) -> None:
@@ -332,32 +293,10 @@ class OpenAIDoor:
         if self._thread.is_alive():
             log.warning("openai_http: the HTTP server did not stop within 15 s")
 
-    def _bind(self) -> socket.socket:
-        host, port = split_listen(self.settings.listen)
-        try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                                 flags=socket.AI_PASSIVE)[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            raise ConfigError(f"[plugins.openai_http] listen: cannot use {self.settings.listen}: {exc}") from exc
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"[plugins.openai_http] listen: cannot listen on {self.settings.listen}: "
-                              f"{exc.strerror or exc}") from exc
-        self.address = sock.getsockname()[:2]
-        return sock
-
     # the application
 
-    def app(self) -> Any:
-        from starlette.applications import Starlette
-        from starlette.exceptions import HTTPException
-        from starlette.routing import Route
-
-        async def not_found(request: Any, exc: HTTPException) -> Any:
+    def app(self) -> Starlette:
+        async def not_found(request: Request, exc: HTTPException) -> Response:
             return self._error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                         code="not_found" if exc.status_code == 404 else "method_not_allowed"))
 
@@ -373,19 +312,17 @@ class OpenAIDoor:
             exception_handlers={HTTPException: not_found},
         )
 
-    def _error(self, error: ApiError) -> Any:
-        from starlette.responses import JSONResponse
-
+    def _error(self, error: ApiError) -> Response:
         if error.status >= 500:
             log.warning("openai_http: %d %s", error.status, error.message)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-    def _check_key(self, request: Any) -> None:
+    def _check_key(self, request: Request) -> None:
         if self.keys is not None and not self.keys.allows(request.headers.get("authorization")):
             raise ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def _body(self, request: Any) -> Any:
+    async def _body(self, request: Request) -> Response:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
@@ -399,17 +336,14 @@ class OpenAIDoor:
         except (ValueError, RecursionError):
             raise ApiError(400, "the body must be JSON (Content-Type: application/json)") from None
 
-    async def speech(self, request: Any) -> Any:
+    async def speech(self, request: Request) -> Response:
         try:
             self._check_key(request)
             asked = parse_speech(await self._body(request), self.settings, self.service.sample_rate)
-            if not any(v.get("name") == asked.synthesize.voice for v in self.service.voices()):
-                # wait_s is for voices being prepared; a name the folder does not have is answered now
-                missing = ProtocolError(VOICE_NOT_FOUND, f"no voice named {asked.synthesize.voice!r}")
-                raise ApiError.from_protocol(missing)
-            answer = _Answer(asyncio.get_running_loop())
+            answer = AsyncReply(asyncio.get_running_loop())
             request_id = uuid.uuid4().hex[:16]
             try:
+                require_voice(self.service, asked.synthesize.voice)
                 self.service.submit(asked.synthesize, answer, request_id=request_id)
             except ProtocolError as exc:
                 raise ApiError.from_protocol(exc) from None
@@ -421,9 +355,7 @@ class OpenAIDoor:
             return self._error(exc)
         return self._respond(asked, answer, first, request_id)
 
-    def _respond(self, asked: SpeechRequest, answer: _Answer, first: tuple[Any, ...], request_id: str) -> Any:
-        from starlette.responses import Response, StreamingResponse
-
+    def _respond(self, asked: SpeechRequest, answer: AsyncReply, first: tuple[Any, ...], request_id: str) -> Response:
         header = first[1]
         headers = {"X-Request-Id": request_id, "X-Sample-Rate": str(header.get("sample_rate", "")),
                    "X-Voice": _ascii(str(header.get("voice", {}).get("name", ""))),
@@ -456,9 +388,7 @@ class OpenAIDoor:
 
         return StreamingResponse(body(), media_type=asked.media_type, headers=headers)
 
-    async def voices(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
+    async def voices(self, request: Request) -> Response:
         try:
             self._check_key(request)
         except ApiError as exc:
@@ -473,18 +403,14 @@ class OpenAIDoor:
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "voiced"}
 
-    async def models(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
+    async def models(self, request: Request) -> Response:
         try:
             self._check_key(request)
         except ApiError as exc:
             return self._error(exc)
         return JSONResponse({"object": "list", "data": [self._model(m) for m in self.settings.models]})
 
-    async def model(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
+    async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         try:
             self._check_key(request)
@@ -494,18 +420,14 @@ class OpenAIDoor:
             return self._error(exc)
         return JSONResponse(self._model(name))
 
-    async def audio_models(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
+    async def audio_models(self, request: Request) -> Response:
         try:
             self._check_key(request)
         except ApiError as exc:
             return self._error(exc)
         return JSONResponse({"models": [{"id": m, "name": m} for m in self.settings.models]})
 
-    async def health(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
+    async def health(self, request: Request) -> Response:
         ready = sum(v.get("state") == "ready" for v in self.service.voices())
         return JSONResponse({"status": "ok", "voices_ready": ready, "sample_rate": self.service.sample_rate})
 
