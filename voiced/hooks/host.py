@@ -25,7 +25,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -368,32 +368,28 @@ class PluginHost:
 
     def preprocess_text(self, text: str, voice: str, params: Mapping[str, Any]) -> str:
         """Run ``voiced_preprocess_text`` down the chain; returns the text to speak."""
-        hook = "voiced_preprocess_text"
-        for impl in self._hook_impls(hook):
-            try:
-                result = self._call(impl, hook, {"text": text, "voice": voice, "params": params})
-                if result is not None and not isinstance(result, str):
-                    self._count_error(impl.plugin_name)
-                    raise TypeError(f"returned {type(result).__name__}, expected str or None")
-            except Exception as exc:
-                self._on_error(impl.plugin_name, hook, exc)
-                continue
-            if result is not None:
-                text = result
-        return text
+        def check(result: Any) -> str:
+            if not isinstance(result, str):
+                raise TypeError(f"returned {type(result).__name__}, expected str or None")
+            return result
+
+        return self._chain("voiced_preprocess_text", "text", text, {"voice": voice, "params": params}, check)
 
     def postprocess_audio(self, audio: np.ndarray, sample_rate: int, request: Mapping[str, Any]) -> np.ndarray:
         """Run ``voiced_postprocess_audio`` down the chain; returns mono float32."""
-        hook = "voiced_postprocess_audio"
         audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        return self._chain("voiced_postprocess_audio", "audio", audio,
+                           {"sample_rate": sample_rate, "request": dict(request)}, _check_audio)
+
+    def _chain(self, hook: str, name: str, value: Any, kwargs: Mapping[str, Any], check: Callable[[Any], Any]) -> Any:
+        """Pass ``value`` (argument ``name``) down the plugins of ``hook``: each may return a
+        replacement (``check`` vets it; a wrong one counts as that plugin's error) or None."""
         for impl in self._hook_impls(hook):
             try:
-                result = self._call(
-                    impl, hook, {"audio": audio, "sample_rate": sample_rate, "request": dict(request)}
-                )
+                result = self._call(impl, hook, {name: value, **kwargs})
                 if result is not None:
                     try:
-                        result = _check_audio(result)
+                        result = check(result)
                     except (TypeError, ValueError):
                         self._count_error(impl.plugin_name)
                         raise
@@ -401,8 +397,8 @@ class PluginHost:
                 self._on_error(impl.plugin_name, hook, exc)
                 continue
             if result is not None:
-                audio = result
-        return audio
+                value = result
+        return value
 
     def synthesis_done(
         self, request: Mapping[str, Any], audio: np.ndarray, sample_rate: int, timings: Mapping[str, Any]
