@@ -54,3 +54,51 @@ class TickingClock:
         self.reads += 1
         self.t += self.tick
         return self.t
+
+
+def tone_of(pcm16: bytes, rate: int) -> float:
+    """The strongest frequency (Hz) of 16-bit PCM: which voice the tone engine spoke in."""
+    import numpy as np
+
+    samples = np.frombuffer(pcm16, "<i2").astype(np.float32)
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.argmax(spectrum)) * rate / len(samples)
+
+
+def mixed_load(door: Any, zeromq_client: Any, zeromq: Any, voices: tuple[str, str], clients: int = 4,
+               requests: int = 4) -> list[tuple[str, str, bytes]]:
+    """``clients`` threads speaking through another door, ``door(voice, text) -> pcm``, and as
+    many through ZeroMQ, ``zeromq(client, voice, text) -> pcm`` on a client each from
+    ``zeromq_client()``, all at once, ``requests`` each, each request with its own text length
+    and voice: (voice, text, pcm) of every reply, for the caller to check that none is mixed.
+    Raises the first error a thread met."""
+    import threading
+
+    results: list[tuple[str, str, bytes]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run(k: int, word: str, first: int, speak: Any) -> None:
+        try:
+            for i in range(requests):
+                voice, text = voices[(k + i + first) % 2], f"{word} " * (3 + first + 2 * k + i)
+                pcm = speak(voice, text)
+                with lock:
+                    results.append((voice, text, pcm))
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(exc)
+
+    def through_zeromq(k: int) -> None:
+        with zeromq_client() as client:
+            run(k, "term", 1, lambda voice, text: zeromq(client, voice, text))
+
+    threads = [threading.Thread(target=run, args=(k, "word", 0, door)) for k in range(clients)]
+    threads += [threading.Thread(target=through_zeromq, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    assert len(results) == 2 * clients * requests, len(results)
+    return results

@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from fakes import FAKE_ENGINES
+from fakes import FAKE_ENGINES, mixed_load, tone_of
 
 from voiced.config import PluginsConfig
 from voiced.errors import ConfigError
@@ -175,12 +174,6 @@ def test_voices_models_and_health_follow_the_folder(kokoro: Any, testdata_dir: P
 # ---------------------------------------------------------------------- keys and load, tone engine
 
 
-def tone_of(pcm: bytes, rate: int = 24000) -> float:
-    audio = np.frombuffer(pcm, "<i2").astype(np.float32)
-    spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
-    return float(np.argmax(spectrum)) * rate / len(audio)
-
-
 def samples(text: str) -> int:
     """What the tone engine says for ``text``, in samples at 24 kHz (it speaks at 16 kHz)."""
     return int(0.05 * len(text) * 16000) * 24000 // 16000
@@ -218,44 +211,18 @@ def test_both_doors_under_load_never_mix_replies(tmp_path: Path, testdata_dir: P
             d.wait_ready(name)
             with d.client() as c:
                 tones[name] = tone_of(c.synthesize("A reference tone.", voice=name, format="pcm_s16le",
-                                                   sample_rate=24000).audio)
+                                                   sample_rate=24000).audio, 24000)
         assert abs(tones["carlo_a"] - tones["june_b"]) > 10, tones  # distinct voices, told apart by pitch
-        results: list[tuple[str, str, bytes]] = []
-        errors: list[BaseException] = []
-        lock = threading.Lock()
-
-        def http_worker(k: int) -> None:
-            try:
-                c = client(url)
-                for i in range(4):
-                    voice, text = ("carlo_a", "june_b")[(k + i) % 2], "word " * (3 + 2 * k + i)
-                    pcm = c.audio.speech.create(model="tts-1", voice=voice, input=text, response_format="pcm").content
-                    with lock:
-                        results.append((voice, text, pcm))
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        def zmq_worker(k: int) -> None:
-            try:
-                with d.client() as c:
-                    for i in range(4):
-                        voice, text = ("june_b", "carlo_a")[(k + i) % 2], "term " * (4 + 2 * k + i)
-                        pcm = c.synthesize(text, voice=voice, format="pcm_s16le", sample_rate=24000).audio
-                        with lock:
-                            results.append((voice, text, pcm))
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=w, args=(k,)) for k in range(4) for w in (http_worker, zmq_worker)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert len(results) == 32
+        c = client(url)
+        results = mixed_load(
+            lambda voice, text: c.audio.speech.create(model="tts-1", voice=voice, input=text,
+                                                      response_format="pcm").content,
+            d.client,
+            lambda z, voice, text: z.synthesize(text, voice=voice, format="pcm_s16le", sample_rate=24000).audio,
+            ("carlo_a", "june_b"))
         for voice, text, pcm in results:  # each reply is its own text's length, in its own voice's tone
             assert abs(len(pcm) // 2 - samples(text)) <= 2, (voice, text, len(pcm))
-            assert abs(tone_of(pcm) - tones[voice]) < 5, (voice, text)
+            assert abs(tone_of(pcm, 24000) - tones[voice]) < 5, (voice, text)
 
 
 def test_a_port_in_use_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:

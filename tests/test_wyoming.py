@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from fakes import FAKE_ENGINES
+from fakes import FAKE_ENGINES, mixed_load, tone_of
 
 from voiced.config import PluginsConfig
 from voiced.errors import ConfigError
@@ -148,11 +146,6 @@ def test_errors_are_error_events_and_the_connection_goes_on(kokoro: Any) -> None
     assert events[-1].type == "audio-stop" and len(pcm(events)) > 10000  # the third was answered
 
 
-def tone_of(audio: bytes, rate: int) -> float:
-    samples = np.frombuffer(audio, "<i2").astype(np.float32)
-    return float(np.argmax(np.abs(np.fft.rfft(samples * np.hanning(len(samples)))))) * rate / len(samples)
-
-
 def test_under_load_with_zeromq_clients_no_reply_is_mixed(tmp_path: Path, testdata_dir: Path) -> None:
     d, port = door(tmp_path, {"name": "tone"})
     with d.start():
@@ -164,38 +157,10 @@ def test_under_load_with_zeromq_clients_no_reply_is_mixed(tmp_path: Path, testda
             with d.client() as c:
                 tones[name] = tone_of(c.synthesize("A reference tone.", voice=name, format="pcm_s16le").audio, 16000)
         assert abs(tones["carlo_a"] - tones["june_b"]) > 10, tones
-        results: list[tuple[str, str, bytes]] = []
-        errors: list[BaseException] = []
-        lock = threading.Lock()
-
-        def wyoming_worker(k: int) -> None:
-            try:
-                for i in range(4):
-                    voice, text = ("carlo_a", "june_b")[(k + i) % 2], "word " * (3 + 2 * k + i)
-                    audio = pcm(exchange(port, Synthesize(text=text, voice=SynthesizeVoice(name=voice))))
-                    with lock:
-                        results.append((voice, text, audio))
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        def zmq_worker(k: int) -> None:
-            try:
-                with d.client() as c:
-                    for i in range(4):
-                        voice, text = ("june_b", "carlo_a")[(k + i) % 2], "term " * (4 + 2 * k + i)
-                        audio = c.synthesize(text, voice=voice, format="pcm_s16le").audio
-                        with lock:
-                            results.append((voice, text, audio))
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=w, args=(k,)) for k in range(4) for w in (wyoming_worker, zmq_worker)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert len(results) == 32
+        results = mixed_load(
+            lambda voice, text: pcm(exchange(port, Synthesize(text=text, voice=SynthesizeVoice(name=voice)))),
+            d.client, lambda z, voice, text: z.synthesize(text, voice=voice, format="pcm_s16le").audio,
+            ("carlo_a", "june_b"))
         for voice, text, audio in results:  # each reply is its own text's length, in its own voice's tone
             assert len(audio) // 2 == int(0.05 * len(text) * 16000), (voice, text, len(audio))
             assert abs(tone_of(audio, 16000) - tones[voice]) < 5, (voice, text)
