@@ -124,7 +124,7 @@ class WyomingDoor:
     # what the sessions ask of the daemon
 
     def info(self) -> Info:
-        us = Attribution(name="voiced", url="https://pypi.org/project/voiced/")
+        us = Attribution(name="voiced", url="")  # no home page to point at
         voices = [TtsVoice(name=v["name"], attribution=us, installed=True, version=None,
                            description=f"{v['name']} ({v.get('stage') or 'ready'})",
                            languages=list(self.settings.languages))
