@@ -65,6 +65,23 @@ def tone_of(pcm16: bytes, rate: int) -> float:
     return float(np.argmax(spectrum)) * rate / len(samples)
 
 
+def tone_voices(daemon: Any, clips: Path, names: tuple[str, str], sample_rate: int | None = None) -> dict[str, float]:
+    """Copy the clips ``names`` (``clips/NAME.wav``) into a tone-engine daemon's folder, wait for
+    them, and return the tone (Hz) each voice speaks in, through ZeroMQ at ``sample_rate``."""
+    import shutil
+
+    for name in names:
+        shutil.copyfile(clips / f"{name}.wav", daemon.voices / f"{name}.wav")
+    tones = {}
+    for name in names:
+        daemon.wait_ready(name)
+        with daemon.client() as client:
+            reply = client.synthesize("A reference tone.", voice=name, format="pcm_s16le", sample_rate=sample_rate)
+            tones[name] = tone_of(reply.audio, reply.header["sample_rate"])
+    assert abs(tones[names[0]] - tones[names[1]]) > 10, tones  # distinct voices, told apart by pitch
+    return tones
+
+
 def mixed_load(door: Any, zeromq_client: Any, zeromq: Any, voices: tuple[str, str], clients: int = 4,
                requests: int = 4) -> list[tuple[str, str, bytes]]:
     """``clients`` threads speaking through another door, ``door(voice, text) -> pcm``, and as

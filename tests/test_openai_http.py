@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from fakes import FAKE_ENGINES, mixed_load, tone_of
+from fakes import FAKE_ENGINES, mixed_load, tone_of, tone_voices
 
 from voiced.config import PluginsConfig
 from voiced.errors import ConfigError
@@ -204,15 +204,7 @@ def test_keys_guard_a_door_and_are_read_again_when_changed(tmp_path: Path, testd
 def test_both_doors_under_load_never_mix_replies(tmp_path: Path, testdata_dir: Path) -> None:
     d, url = door(tmp_path, {"name": "tone"})
     with d.start():
-        for name in ("carlo_a", "june_b"):
-            shutil.copyfile(testdata_dir / "voices" / f"{name}.wav", d.voices / f"{name}.wav")
-        tones = {}
-        for name in ("carlo_a", "june_b"):
-            d.wait_ready(name)
-            with d.client() as c:
-                tones[name] = tone_of(c.synthesize("A reference tone.", voice=name, format="pcm_s16le",
-                                                   sample_rate=24000).audio, 24000)
-        assert abs(tones["carlo_a"] - tones["june_b"]) > 10, tones  # distinct voices, told apart by pitch
+        tones = tone_voices(d, testdata_dir / "voices", ("carlo_a", "june_b"), sample_rate=24000)
         c = client(url)
         results = mixed_load(
             lambda voice, text: c.audio.speech.create(model="tts-1", voice=voice, input=text,

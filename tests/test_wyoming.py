@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FAKE_ENGINES, mixed_load, tone_of
+from fakes import FAKE_ENGINES, mixed_load, tone_of, tone_voices
 
 from voiced.config import PluginsConfig
 from voiced.errors import ConfigError
@@ -149,14 +149,7 @@ def test_errors_are_error_events_and_the_connection_goes_on(kokoro: Any) -> None
 def test_under_load_with_zeromq_clients_no_reply_is_mixed(tmp_path: Path, testdata_dir: Path) -> None:
     d, port = door(tmp_path, {"name": "tone"})
     with d.start():
-        for name in ("carlo_a", "june_b"):
-            shutil.copyfile(testdata_dir / "voices" / f"{name}.wav", d.voices / f"{name}.wav")
-        tones = {}
-        for name in ("carlo_a", "june_b"):
-            d.wait_ready(name)
-            with d.client() as c:
-                tones[name] = tone_of(c.synthesize("A reference tone.", voice=name, format="pcm_s16le").audio, 16000)
-        assert abs(tones["carlo_a"] - tones["june_b"]) > 10, tones
+        tones = tone_voices(d, testdata_dir / "voices", ("carlo_a", "june_b"))
         results = mixed_load(
             lambda voice, text: pcm(exchange(port, Synthesize(text=text, voice=SynthesizeVoice(name=voice)))),
             d.client, lambda z, voice, text: z.synthesize(text, voice=voice, format="pcm_s16le").audio,
