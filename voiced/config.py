@@ -83,6 +83,10 @@ class CacheConfig:
     """Embeddings, engine conditioning and the index. Created 0700 when missing."""
     size_limit_mb: float = 2048.0
     """Least-recently-used entries are evicted above this size (0 = no limit)."""
+    shared_dir: str = ""
+    """A folder several machines mount (NFS, SMB, ...) holding the artefacts they share: a voice
+    prepared on one machine is read from there by the others, and [cache] dir becomes each
+    machine's read-through copy. Empty = nothing shared."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 # str keys holding an optional path: resolved like Path keys (relative to the file, ~, $VARS) when set
-_PATH_STRINGS: dict[str, tuple[str, ...]] = {"server": ("curve_secret_key", "curve_clients_dir")}
+_PATH_STRINGS: dict[str, tuple[str, ...]] = {"server": ("curve_secret_key", "curve_clients_dir"),
+                                             "cache": ("shared_dir",)}
 
 _SECTIONS: dict[str, type] = {
     name: tp for name, tp in typing.get_type_hints(Config).items() if name != "source"
@@ -383,6 +388,10 @@ def _check_dirs(config: Config, where: str, *, explicit_voices: bool) -> None:
         raise ConfigError(f"{where}: [cache] dir: is not a folder: {config.cache.dir}")
     if not config.cache.dir.exists() and not _creatable(cache_parent):
         raise ConfigError(f"{where}: [cache] dir: cannot be created, no folder above it: {config.cache.dir}")
+    shared = config.cache.shared_dir
+    if shared and not Path(shared).is_dir():  # a mount point: never created here, or the share would be missed
+        reason = "is not a folder" if Path(shared).exists() else "folder does not exist (is the share mounted?)"
+        raise ConfigError(f"{where}: [cache] shared_dir: {reason}: {shared}")
     for path in config.plugins.paths:
         if not path.is_dir():
             raise ConfigError(f"{where}: [plugins] paths: folder does not exist: {path}")

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from voiced import __version__
-from voiced.store import LocalStore
+from voiced.store import ArtifactStore, TieredStore, open_store
 from voiced.config import Config, ensure_dirs, load_config
 from voiced.encoder import SpeakerEncoder
 from voiced.engines import Engine
@@ -46,7 +46,7 @@ class Daemon:
         self.config = config
         self.notifier = notifier or Notifier()
         self.started_at = time.time()
-        self.cache: LocalStore | None = None
+        self.cache: ArtifactStore | None = None
         self.encoder: SpeakerEncoder | None = None
         self.engine: Engine | None = None
         self.library: Library | None = None
@@ -67,7 +67,9 @@ class Daemon:
         # plugins first: a bad plugin or setting fails before minutes of model loading
         self.plugins = PluginHost(config.plugins, source=config.source)
         limit = int(config.cache.size_limit_mb * 1024 * 1024) or None
-        self.cache = LocalStore(config.cache.dir, size_limit_bytes=limit)
+        self.cache = open_store(config.cache.dir, limit, config.cache.shared_dir)
+        if config.cache.shared_dir:
+            log.info("artefacts shared through %s; %s is this machine's copy", config.cache.shared_dir, config.cache.dir)
         self.notifier.status("loading the speaker encoder")
         started = time.monotonic()
         self.encoder = SpeakerEncoder(
@@ -274,6 +276,8 @@ class Daemon:
                 "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
             },
         }
+        if isinstance(self.cache, TieredStore):
+            status["cache"]["shared"] = {"dir": str(self.cache.shared.directory), "hits": self.cache.shared_hits()}
         if self.plugins is not None:
             status["plugins"] = self.plugins.status()
         if self.server is not None:

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from voiced.audio import LoadedAudio, load_audio
-from voiced.store import LocalStore
+from voiced.store import ArtifactStore, open_store
 from voiced.config import Config
 from voiced.errors import AudioError, CacheError
 from voiced.fsutil import sha256_file
@@ -67,11 +67,11 @@ def iter_embeddings(
     """embed_files' results one by one, as each file is done (for a progress bar)."""
     from voiced.encoder import SpeakerEncoder
 
-    cache: LocalStore | None = None
+    cache: ArtifactStore | None = None
     if use_cache:
         try:
             config.cache.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            cache = LocalStore(config.cache.dir, size_limit_bytes=int(config.cache.size_limit_mb * 2**20) or None)
+            cache = open_store(config.cache.dir, int(config.cache.size_limit_mb * 2**20) or None, config.cache.shared_dir)
         except (OSError, CacheError) as exc:
             log.warning("cache unavailable, embedding without it: %s", exc)
     encoder: SpeakerEncoder | None = None
