@@ -164,6 +164,30 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    address: str = ""
+    """The Ray cluster that synthesizes: "auto" (the one this machine belongs to), "ray://host:10001",
+    or empty for none (the daemon synthesizes itself). Needs the `cluster` extra and [cache] shared_dir."""
+    min_replicas: int = 1
+    """Synthesis replicas, each holding a warm engine, never fewer than this..."""
+    max_replicas: int = 1
+    """... and never more: Ray Serve adds replicas while requests queue and removes idle ones."""
+    requests_per_replica: int = 4
+    """Requests a replica runs at once (its engine batches their sentences where it can); the
+    autoscaler aims at this many per replica."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for each replica."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves for each replica (a fraction shares one GPU)."""
+    voices_per_replica: int = 32
+    """Prepared voices a replica keeps in memory; requests go to a replica that holds their voice."""
+    retries: int = 2
+    """A request whose replica died is run again on another this many times."""
+    app_name: str = "voiced"
+    """The Ray Serve application's name (one per daemon sharing a cluster)."""
+
+
+@dataclass(frozen=True)
 class Config:
     voices: VoicesConfig = field(default_factory=VoicesConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -172,6 +196,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None
     """The file this was loaded from (None = built-in defaults)."""
 
@@ -245,6 +270,9 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None, check_di
             raise ConfigError(f"{where}: [{name}] must be a table")
         sections[name] = _build_section(_SECTIONS[name], name, value, where, base_dir)
     config = Config(**sections, source=source)
+    if config.cluster.address and not config.cache.shared_dir:
+        # replicas on other machines read the prepared voices from there
+        raise ConfigError(f"{where}: [cluster] address: a cluster needs [cache] shared_dir, a folder every machine mounts")
     if check_dirs:
         _check_dirs(config, where, explicit_voices="dir" in raw.get("voices", {}))
     return config
@@ -366,6 +394,14 @@ def _check_values(obj: Any, section: str, where: str) -> None:
         for name in ("max_message_bytes", "max_text_chars", "max_json_depth", "queue_size", "synthesis_threads"):
             if getattr(obj, name) <= 0:
                 raise ConfigError(f"{where}: [server] {name}: must be positive")
+    if section == "cluster":
+        for name in ("min_replicas", "requests_per_replica", "voices_per_replica"):
+            if getattr(obj, name) <= 0:
+                raise ConfigError(f"{where}: [cluster] {name}: must be positive")
+        if obj.max_replicas < obj.min_replicas:
+            raise ConfigError(f"{where}: [cluster] max_replicas: smaller than min_replicas")
+        if obj.num_cpus < 0 or obj.num_gpus < 0 or obj.retries < 0:
+            raise ConfigError(f"{where}: [cluster] num_cpus, num_gpus and retries must not be negative")
     if section == "cache" and obj.size_limit_mb < 0:
         raise ConfigError(f"{where}: [cache] size_limit_mb: must not be negative")
 

@@ -9,6 +9,7 @@ preparation is on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -82,11 +83,22 @@ class Daemon:
         self.engine = create_engine(config, self.encoder, self.plugins)
         self.engine.load(config.engine.device)
         log.info("engine %s@%s loaded and warm in %.1fs", self.engine.name, self.engine.version, time.monotonic() - started)
+        if config.cluster.address:
+            from voiced.cluster import ClusterEngine
+
+            self.notifier.status(f"starting synthesis replicas on {config.cluster.address}")
+            cluster = ClusterEngine(self.engine, config)
+            cluster.start()
+            self.engine = cluster  # type: ignore[assignment]
         self.library = Library(
             config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess,
             stage_budget_s=config.engine.refine_budget_s, listeners=[self.plugins.voice_event],
         )
-        self.server = Server(config.server, self, Speech(self.engine, self.plugins),
+        server_config = config.server
+        if config.cluster.address:  # a thread per request in flight on the cluster: they only wait
+            server_config = dataclasses.replace(server_config, synthesis_threads=max(
+                server_config.synthesis_threads, config.cluster.max_replicas * config.cluster.requests_per_replica))
+        self.server = Server(server_config, self, Speech(self.engine, self.plugins),
                              where=str(config.source) if config.source else "config")
         self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)
         self.library.start()
@@ -130,6 +142,9 @@ class Daemon:
             self.server.stop()
         if self.plugins is not None:
             self.plugins.shutdown()
+        stop_engine = getattr(self.engine, "stop", None)
+        if callable(stop_engine):  # the cluster's replicas
+            stop_engine()
         if self.cache is not None:
             try:
                 self.cache.collect_garbage(self.config.voices.rename_grace_s)
@@ -276,6 +291,9 @@ class Daemon:
                 "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
             },
         }
+        summary = getattr(self.engine, "summary", None)
+        if callable(summary):
+            status["cluster"] = summary()
         if isinstance(self.cache, TieredStore):
             status["cache"]["shared"] = {"dir": str(self.cache.shared.directory), "hits": self.cache.shared_hits()}
         if self.plugins is not None:

@@ -5,6 +5,7 @@ engine; point ``[plugins] paths`` at this folder and set ``[engine] name = "tone
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,13 @@ from voiced.hooks import hookimpl
 
 
 class ToneEngine(Engine):
+    """``sentence_s`` (an engine option, default 0): speak sentence by sentence, taking that
+    long over each, like a real engine's streaming (for tests that need a request in flight)."""
+
     name, version, sample_rate, stages = "tone", "1", 16000, ("ready",)
+
+    def __init__(self, sentence_s: float = 0.0) -> None:
+        self.sentence_s = float(sentence_s)
 
     def load(self, device: str = "auto") -> None:
         self.device = "cpu"  # a tone needs no accelerator
@@ -29,9 +36,15 @@ class ToneEngine(Engine):
         return Conditioning({"pitch": np.array([220.0], np.float32)}, {"engine": self.name, "stage": "stock"})
 
     def synthesize(self, text: str, conditioning: Conditioning, params: dict[str, Any]) -> Iterator[np.ndarray]:
-        seconds = 0.05 * len(text) / float(params.get("speed", 1.0) or 1.0)
-        t = np.arange(int(seconds * self.sample_rate)) / self.sample_rate
-        yield (0.2 * np.sin(2 * np.pi * float(conditioning["pitch"][0]) * t)).astype(np.float32)
+        pieces = [text] if not self.sentence_s else [s for s in text.split(". ") if s]
+        for piece in pieces:
+            if self.sentence_s:
+                time.sleep(self.sentence_s)
+            yield self._tone(piece, float(conditioning["pitch"][0]), float(params.get("speed", 1.0) or 1.0))
+
+    def _tone(self, text: str, pitch: float, speed: float) -> np.ndarray:
+        t = np.arange(int(0.05 * len(text) / speed * self.sample_rate)) / self.sample_rate
+        return (0.2 * np.sin(2 * np.pi * pitch * t)).astype(np.float32)
 
 
 def tone_pitch(embedding: np.ndarray) -> float:
@@ -41,4 +54,4 @@ def tone_pitch(embedding: np.ndarray) -> float:
 
 @hookimpl
 def voiced_register_engines(register: Any) -> None:
-    register("tone", lambda context: ToneEngine())
+    register("tone", lambda context: ToneEngine(**context.options))

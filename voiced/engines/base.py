@@ -68,6 +68,9 @@ class Conditioning(Mapping[str, np.ndarray]):
 
     arrays: Mapping[str, np.ndarray]
     meta: Mapping[str, Any] = field(default_factory=dict)
+    key: tuple[str, str, str] | None = field(default=None, compare=False)
+    """Where the store keeps it ((source, producer, kind)), if it came from there: a synthesis
+    replica elsewhere loads it by this key instead of receiving the arrays."""
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.arrays[key]
@@ -79,9 +82,10 @@ class Conditioning(Mapping[str, np.ndarray]):
         return len(self.arrays)
 
     @classmethod
-    def from_npz(cls, npz: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> Conditioning:
+    def from_npz(cls, npz: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None,
+                 key: tuple[str, str, str] | None = None) -> Conditioning:
         """Rebuild from a loaded npz (``np.load(path, allow_pickle=False)``) and its meta."""
-        return cls({k: np.asarray(npz[k]) for k in npz}, dict(meta or {}))
+        return cls({k: np.asarray(npz[k]) for k in npz}, dict(meta or {}), key)
 
 
 class Engine(abc.ABC):

@@ -126,7 +126,7 @@ class Results:
         entry = self.store.get_entry(*key)
         if entry is None:
             return None
-        conditioning = Conditioning.from_npz(*entry)
+        conditioning = Conditioning.from_npz(*entry, key=key)
         with self._lock:
             self._hot[key] = conditioning
             while len(self._hot) > self.hot_voices:

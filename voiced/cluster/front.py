@@ -1,0 +1,131 @@
+"""The daemon as a cluster's front door: it keeps its folder, voice library, protocol and
+plugins, and sends synthesis to replicas on a Ray cluster (see replica.py).
+
+Voices are prepared here with the local engine and land in the shared store; a request names
+its voice by store key, and Serve routes it to a replica that holds that voice (or else to the
+least loaded one). A replica that dies mid-request costs a retry, not the request: the request
+runs again on another replica and the chunks already sent are skipped (the engine says the same
+text in the same voice the same way), so a streamed reply continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from voiced.config import Config, to_dict
+from voiced.engines.base import Engine
+from voiced.errors import ConfigError, VoicedError
+
+log = logging.getLogger(__name__)
+
+INFO_TIMEOUT_S = 600.0  # replicas load their engine before the first answer
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not finish a request: the daemon's failure, not the client's (``internal``)."""
+
+
+class ClusterEngine:
+    """An engine whose synthesis runs on the cluster's replicas; everything else (preparation,
+    stages, the stock voice) is the local engine's, reached through attribute lookup."""
+
+    def __init__(self, local: Engine, config: Config) -> None:
+        self.local, self.config, self.cluster = local, config, config.cluster
+        self.handle: Any = None
+        self.retried = 0  # requests that outlived a replica
+        self.lost = 0  # requests no try could finish
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "local":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.local, name)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.local.sample_rate
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Join the cluster, deploy the replicas and wait until one answers."""
+        try:
+            import ray
+            from ray import serve
+        except ImportError:
+            raise ConfigError("[cluster] address: cluster mode needs Ray Serve: pip install 'voiced[cluster]'") from None
+        from voiced.cluster.replica import deployment
+
+        log.info("joining the Ray cluster at %s", self.cluster.address)
+        try:
+            ray.init(address=self.cluster.address, namespace="voiced", log_to_driver=False,
+                     logging_level=logging.WARNING, ignore_reinit_error=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"[cluster] address: cannot join the Ray cluster at {self.cluster.address}: {exc}") from None
+        serve.start(proxy_location="Disabled")
+        source = str(self.config.source) if self.config.source else None
+        app = deployment(self.cluster).bind(to_dict(self.config), source)
+        self.handle = serve.run(app, name=self.cluster.app_name, route_prefix=None)
+        info = self.handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
+        producer = f"{self.local.name}@{self.local.version}"
+        if info["producer"] != producer or info["sample_rate"] != self.local.sample_rate:
+            raise ConfigError(f"[cluster] the replicas run {info['producer']} at {info['sample_rate']} Hz, "
+                              f"this daemon {producer} at {self.local.sample_rate} Hz: install the same version everywhere")
+        log.info("cluster ready: application %r, replicas %d-%d, first replica %s on %s", self.cluster.app_name,
+                 self.cluster.min_replicas, self.cluster.max_replicas, info["where"], info["device"])
+
+    def stop(self) -> None:
+        """Take the replicas down (their GPUs are free again) and leave the cluster."""
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(self.cluster.app_name)
+        except Exception as exc:  # a cluster already gone has nothing to take down
+            log.warning("cannot remove the Serve application %r: %s", self.cluster.app_name, exc)
+        ray.shutdown()
+
+    # ------------------------------------------------------------------ synthesis
+
+    def synthesize(self, text: str, conditioning: Any, params: Mapping[str, Any]) -> Iterator[np.ndarray]:
+        from ray.exceptions import RayError, RayTaskError
+
+        from voiced.cluster.replica import voice_id
+
+        key = getattr(conditioning, "key", None)
+        delivered = 0
+        problem: Exception | None = None
+        for attempt in range(self.cluster.retries + 1):
+            if key is not None:  # by key: Serve routes it to a replica holding the voice
+                call = self.handle.options(stream=True, multiplexed_model_id=voice_id(key)).synthesize
+                chunks = call.remote(text, dict(params))
+            else:  # prepared but not stored (a full cache): the arrays go along
+                call = self.handle.options(stream=True).synthesize
+                chunks = call.remote(text, dict(params), dict(conditioning), dict(getattr(conditioning, "meta", {})))
+            try:
+                for i, chunk in enumerate(chunks):
+                    if i >= delivered:
+                        delivered += 1
+                        yield chunk
+                if attempt:
+                    self.retried += 1
+                return
+            except VoicedError:
+                raise  # the engine's own answer (bad text, a bad parameter): the same on any replica
+            except RayTaskError as exc:
+                raise ClusterError(f"synthesis failed on a replica: {exc.cause!r}") from None
+            except RayError as exc:
+                problem = exc
+                log.warning("a synthesis replica was lost mid-request (try %d of %d, %d chunks sent): %s",
+                            attempt + 1, self.cluster.retries + 1, delivered, type(exc).__name__)
+        self.lost += 1
+        raise ClusterError(f"the cluster lost this request {self.cluster.retries + 1} times "
+                           f"(replicas died mid-request): {problem}")
+
+    def summary(self) -> dict[str, Any]:
+        return {"address": self.cluster.address, "app": self.cluster.app_name,
+                "replicas": [self.cluster.min_replicas, self.cluster.max_replicas],
+                "retried": self.retried, "lost": self.lost}
