@@ -119,3 +119,34 @@ def test_no_replica_left_is_a_clear_error(cluster: Any, tmp_path: Path, testdata
         assert len(errors) == 1 and errors[0].code == "internal" and "lost this request" in str(errors[0])
         with d.client() as client:
             assert client.ping()["protocol"] == 1
+
+
+def test_a_node_lost_mid_request_costs_nothing(cluster: Any, tmp_path: Path, testdata_dir: Path) -> None:
+    """The worker node goes (its raylet and every process on it) while eight requests run on
+    both replicas: every reply comes whole, the lost ones run again on the head's replica."""
+    # a CPU a replica: one fits on each node, so one replica is on the worker
+    with front_door(tmp_path / "node", cluster.address, num_cpus=1.0).start(wait=False) as d:
+        d.wait_answering(300)
+        tone_voices(d, testdata_dir / "voices", ("carlo_a", "june_b"))
+        text = ". ".join(f"Sentence number {i}" for i in range(8)) + "."
+        with d.client() as client:
+            whole = {v: client.synthesize(text, voice=v, format="pcm_s16le").audio for v in ("carlo_a", "june_b")}
+        got: list[tuple[str, bytes]] = []
+
+        def ask(voice: str) -> None:
+            with d.client(timeout_s=120) as client:
+                got.append((voice, b"".join(m.audio for m in client.stream(text, voice=voice, format="pcm_s16le"))))
+
+        # eight at once, four a replica at most: the replica holding a voice fills, the rest go to the other
+        threads = [threading.Thread(target=ask, args=(("carlo_a", "june_b")[k % 2],)) for k in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(3 * SENTENCE_S)
+        cluster.remove_node(cluster.worker)
+        for t in threads:
+            t.join(180)
+        cluster.worker = cluster.add_node(num_cpus=1)
+        assert len(got) == 8 and all(audio == whole[voice] for voice, audio in got)
+        with d.client() as client:
+            status = client.status()["cluster"]
+        assert status["retried"] >= 1 and status["lost"] == 0, status

@@ -8,6 +8,7 @@ version (``"ge2e-resemblyzer@1-abcdef"``) and ``kind`` the stage (``"embedding"`
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +26,30 @@ class StoreStats:
     hits: int
     misses: int
     size_limit_bytes: int | None
+
+
+class Lookups:
+    """A store's hits and misses in this process, counted from any thread.
+
+    Every lookup counts, not only ``get``: a voice new to the cache is first looked up through
+    ``has`` or ``get_meta``, and a hit rate blind to that read 1.0 on a cache that had nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def count(self, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+
+    def read(self) -> tuple[int, int]:
+        """(hits, misses), read together."""
+        with self._lock:
+            return self.hits, self.misses
 
 
 @runtime_checkable

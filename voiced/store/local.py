@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 
 from voiced.errors import CacheError
 from voiced.store import objects as obj
-from voiced.store.base import StoreStats
+from voiced.store.base import Lookups, StoreStats
 from voiced.store.index import SqliteIndex, make_dir
 
 __all__ = ["LocalStore", "SCHEMA_VERSION"]
@@ -126,9 +125,7 @@ class LocalStore:
             raise ValueError("size_limit_bytes must be >= 0 or None")
         self.directory = Path(directory)
         self.size_limit_bytes = size_limit_bytes
-        self._lock = threading.Lock()  # guards the counters
-        self._hits = 0
-        self._misses = 0
+        self._lookups = Lookups()
         make_dir(self.directory)
         self._objects = obj.ObjectFiles(self.directory / OBJECTS_DIR)
         if not os.access(self.directory, os.W_OK):
@@ -247,13 +244,7 @@ class LocalStore:
         return found
 
     def _count(self, hit: bool) -> None:
-        # Every lookup counts, not only ``get``: a voice new to the cache is first looked up
-        # through the index, and a hit rate blind to that read 1.0 on a cache that had nothing.
-        with self._lock:
-            if hit:
-                self._hits += 1
-            else:
-                self._misses += 1
+        self._lookups.count(hit)
 
     def entries_for(self, source_sha256: str) -> list[tuple[str, str]]:
         """All (producer, kind) pairs cached for one content hash."""
@@ -455,8 +446,7 @@ class LocalStore:
         """Entry count and bytes (from the index), hits and misses (this process)."""
         rows = self._index.read("SELECT entries, bytes FROM totals WHERE id = 0")
         entries, nbytes = rows[0] if rows else (0, 0)
-        with self._lock:
-            hits, misses = self._hits, self._misses
+        hits, misses = self._lookups.read()
         return StoreStats(entries, nbytes, hits, misses, self.size_limit_bytes)
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 from voiced.errors import CacheError
 from voiced.fsutil import atomic_write, durable_temp, fsync_dir, read_npz
 from voiced.store import objects as obj
-from voiced.store.base import StoreStats
+from voiced.store.base import Lookups, StoreStats
 
 __all__ = ["FolderStore"]
 
@@ -80,8 +80,8 @@ class FolderStore:
         self.directory = Path(directory)
         self._entries = self.directory / "entries"
         self._holders = self.directory / "holders"
-        self._lock = threading.Lock()  # guards the counters and the holds below
-        self._hits = self._misses = 0
+        self._lock = threading.Lock()  # guards the holds below
+        self._lookups = Lookups()
         self._held: dict[str, set[str]] = {}  # this process's holders: what their files say
         try:
             for d in (self.directory, self._entries, self._holders):
@@ -142,7 +142,7 @@ class FolderStore:
         except OSError as e:  # the share is away or unreadable: a miss, not damage
             log.warning("shared store: cannot read %s: %s", path, e.strerror or e)
             found = None
-        self._count(found is not None)
+        self._lookups.count(found is not None)
         return found
 
     @staticmethod
@@ -212,13 +212,6 @@ class FolderStore:
             return 0
         shutil.rmtree(folder, ignore_errors=True)
         return count
-
-    def _count(self, hit: bool) -> None:
-        with self._lock:
-            if hit:
-                self._hits += 1
-            else:
-                self._misses += 1
 
     # ------------------------------------------------------------------ holds
 
@@ -367,8 +360,7 @@ class FolderStore:
                         entries += 1
                     except OSError:
                         pass
-        with self._lock:
-            return StoreStats(entries, size, self._hits, self._misses, None)
+        return StoreStats(entries, size, *self._lookups.read(), None)
 
     def close(self) -> None:
         """Nothing is held open between calls."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from voiced.errors import CacheError
-from voiced.store.base import StoreStats
+from voiced.store.base import Lookups, StoreStats
 from voiced.store.local import LocalStore
 from voiced.store.shared import FolderStore
 
@@ -36,8 +35,8 @@ class TieredStore:
 
     def __init__(self, local: LocalStore, shared: FolderStore) -> None:
         self.local, self.shared = local, shared
-        self._lock = threading.Lock()
-        self._hits = self._misses = self._shared_hits = 0
+        self._lookups = Lookups()  # hits anywhere, misses everywhere
+        self._from_share = Lookups()  # hits the share answered
 
     @property
     def directory(self) -> Path:
@@ -48,12 +47,6 @@ class TieredStore:
     def size_limit_bytes(self) -> int | None:
         return self.local.size_limit_bytes
 
-    def _count(self, hit: bool, shared: bool = False) -> None:
-        with self._lock:
-            self._hits += hit
-            self._misses += not hit
-            self._shared_hits += shared
-
     # ------------------------------------------------------------------ entries
 
     def get(self, source: str, producer: str, kind: str) -> dict[str, np.ndarray] | None:
@@ -63,12 +56,13 @@ class TieredStore:
     def get_entry(self, source: str, producer: str, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         entry = self.local.get_entry(source, producer, kind)
         if entry is not None:
-            self._count(True)
+            self._lookups.count(True)
             self._share(source, producer, kind, entry)
             return entry
         entry = self.shared.get_entry(source, producer, kind)
-        self._count(entry is not None, shared=entry is not None)
+        self._lookups.count(entry is not None)
         if entry is not None:
+            self._from_share.count(True)
             try:
                 self.local.put(source, producer, kind, entry[0], entry[1])
             except CacheError as e:  # a full or read-only local cache: serve from the share
@@ -136,13 +130,11 @@ class TieredStore:
     def stats(self) -> StoreStats:
         """The local store's entries and bytes; hits anywhere, misses everywhere."""
         local = self.local.stats()
-        with self._lock:
-            return StoreStats(local.entries, local.bytes, self._hits, self._misses, local.size_limit_bytes)
+        return StoreStats(local.entries, local.bytes, *self._lookups.read(), local.size_limit_bytes)
 
     def shared_hits(self) -> int:
         """Lookups this process answered from the share (each copied into the local store)."""
-        with self._lock:
-            return self._shared_hits
+        return self._from_share.read()[0]
 
     def close(self) -> None:
         self.local.close()
