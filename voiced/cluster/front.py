@@ -11,6 +11,8 @@ text in the same voice the same way), so a streamed reply continues where it sto
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,7 +24,8 @@ from voiced.errors import ConfigError, VoicedError
 
 log = logging.getLogger(__name__)
 
-INFO_TIMEOUT_S = 600.0  # replicas load their engine before the first answer
+INFO_TIMEOUT_S = 600.0
+HANDLES_KEPT = 1024  # replicas load their engine before the first answer
 
 
 class ClusterError(RuntimeError):
@@ -36,6 +39,9 @@ class ClusterEngine:
     def __init__(self, local: Engine, config: Config) -> None:
         self.local, self.config, self.cluster = local, config, config.cluster
         self.handle: Any = None
+        # a handle made by options() starts slowly (about 85 ms on its first call): one per voice, kept
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._handles_lock = threading.Lock()
         self.retried = 0  # requests that outlived a replica
         self.lost = 0  # requests no try could finish
 
@@ -90,6 +96,17 @@ class ClusterEngine:
 
     # ------------------------------------------------------------------ synthesis
 
+    def _streaming(self, model_id: str) -> Any:
+        """The streaming handle for one voice (``""``: no voice to route by), made once."""
+        with self._handles_lock:
+            handle = self._handles.get(model_id)
+            if handle is None:
+                handle = self._handles[model_id] = self.handle.options(stream=True, multiplexed_model_id=model_id)
+                while len(self._handles) > HANDLES_KEPT:
+                    self._handles.popitem(last=False)
+            self._handles.move_to_end(model_id)
+            return handle
+
     def synthesize(self, text: str, conditioning: Any, params: Mapping[str, Any]) -> Iterator[np.ndarray]:
         from ray.exceptions import RayError, RayTaskError
 
@@ -100,11 +117,10 @@ class ClusterEngine:
         problem: Exception | None = None
         for attempt in range(self.cluster.retries + 1):
             if key is not None:  # by key: Serve routes it to a replica holding the voice
-                call = self.handle.options(stream=True, multiplexed_model_id=voice_id(key)).synthesize
-                chunks = call.remote(text, dict(params))
+                chunks = self._streaming(voice_id(key)).synthesize.remote(text, dict(params))
             else:  # prepared but not stored (a full cache): the arrays go along
-                call = self.handle.options(stream=True).synthesize
-                chunks = call.remote(text, dict(params), dict(conditioning), dict(getattr(conditioning, "meta", {})))
+                chunks = self._streaming("").synthesize.remote(
+                    text, dict(params), dict(conditioning), dict(getattr(conditioning, "meta", {})))
             try:
                 for i, chunk in enumerate(chunks):
                     if i >= delivered:
