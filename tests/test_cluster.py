@@ -3,6 +3,7 @@ utilities), the daemon as its front door, the weightless tone engine in the repl
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -34,26 +35,31 @@ def cluster() -> Iterator[Any]:
     c.shutdown()
 
 
-def front_door(root: Path, address: str, **cluster: Any) -> DaemonProcess:
+def front_door(root: Path, address: str, refine_s: float = 0.0, **cluster: Any) -> DaemonProcess:
     (root / "share").mkdir(parents=True, exist_ok=True)
     settings = {
-        "engine": {"name": "tone", "options": {"sentence_s": SENTENCE_S}},
+        "engine": {"name": "tone", "options": {"sentence_s": SENTENCE_S, "refine_s": refine_s}},
         "plugins": {"paths": [FAKE_ENGINES]},
         "cache": {"shared_dir": root / "share"},
+        # the preparer reserves no CPU: it fits beside the synthesis replicas on either node
         "cluster": {"address": address, "min_replicas": 2, "max_replicas": 2, "num_cpus": 0.5,
-                    "app_name": root.name, **cluster},
+                    "preparer_num_cpus": 0, "app_name": root.name, **cluster},
     }
     return DaemonProcess(root, settings)
 
 
-def replicas(app: str) -> list[str]:
-    """The names of the replica actors of the daemon's Serve application."""
+def replicas(app: str, deployment: str = "synthesizer") -> list[str]:
+    """The names of the replica actors of one of the daemon's Serve deployments."""
+    if deployment == "preparer":
+        app = f"{app}-prepare"
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#synthesizer#")]
+            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
 
 
-def kill_replicas(app: str) -> None:
-    for name in replicas(app):
+def kill_replicas(app: str, deployment: str = "synthesizer") -> None:
+    names = replicas(app, deployment)
+    assert names, f"no {deployment} replica of {app} to kill"
+    for name in names:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
 
 
@@ -150,3 +156,20 @@ def test_a_node_lost_mid_request_costs_nothing(cluster: Any, tmp_path: Path, tes
         with d.client() as client:
             status = client.status()["cluster"]
         assert status["retried"] >= 1 and status["lost"] == 0, status
+
+
+def test_a_preparer_killed_mid_stage_prepares_it_again(cluster: Any, tmp_path: Path, testdata_dir: Path) -> None:
+    """The refined stage runs on the preparation replica, reporting progress; the replica dies
+    halfway and the stage runs again on its replacement: the voice gets there all the same."""
+    with front_door(tmp_path / "prep", cluster.address, refine_s=4.0).start(wait=False) as d:
+        d.wait_answering(300)
+        shutil.copyfile(testdata_dir / "voices" / "carlo_a.wav", d.voices / "carlo_a.wav")
+        d.wait_voice("carlo_a", lambda v: v is not None and (v.get("progress") or {}).get("done", 0) >= 0.3)
+        assert len(replicas("prep", "preparer")) == 1
+        kill_replicas("prep", "preparer")
+        d.wait_ready("carlo_a", stage="refined")
+        with d.client() as client:
+            status = client.status()["cluster"]
+            assert status["stages_retried"] == 1 and status["stages_lost"] == 0, status
+            assert client.synthesize("Refined.", voice="carlo_a", format="pcm_s16le").audio
+        assert "lost mid-stage refined" in d.log_tail(50_000)

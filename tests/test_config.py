@@ -91,6 +91,7 @@ level = "debug"
         ("[cluster]\naddress = 'auto'\n", "[cluster] address: a cluster needs [cache] shared_dir"),
         ("[cluster]\nmin_replicas = 2\nmax_replicas = 1\n", "[cluster] max_replicas: smaller than min_replicas"),
         ("[cluster]\nrequests_per_replica = 0\n", "[cluster] requests_per_replica: must be positive"),
+        ("[cluster]\npreparers = -1\n", "[cluster] preparers: must not be negative"),
         ("voices = 3\n", "[voices] must be a table"),
         ("[voices\n", "invalid TOML"),
     ],

@@ -88,6 +88,11 @@ class CacheConfig:
     prepared on one machine is read from there by the others, and [cache] dir becomes each
     machine's read-through copy. Empty = nothing shared."""
 
+    @property
+    def size_limit_bytes(self) -> int | None:
+        """The size limit as the stores take it: None for no limit."""
+        return int(self.size_limit_mb * 2**20) or None
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -185,6 +190,14 @@ class ClusterConfig:
     """A request whose replica died is run again on another this many times."""
     app_name: str = "voiced"
     """The Ray Serve application's name (one per daemon sharing a cluster)."""
+    preparers: int = 1
+    """Preparation replicas: each prepares one voice at a time (the engine's stages, the costly
+    refinement above all), so this many voices are prepared at once; one lost mid-stage costs a
+    retry on another. 0 = voices are prepared on this machine."""
+    preparer_num_cpus: float = 1.0
+    """CPUs Ray reserves for each preparation replica."""
+    preparer_num_gpus: float = 0.0
+    """GPUs Ray reserves for each preparation replica."""
 
 
 @dataclass(frozen=True)
@@ -400,8 +413,9 @@ def _check_values(obj: Any, section: str, where: str) -> None:
                 raise ConfigError(f"{where}: [cluster] {name}: must be positive")
         if obj.max_replicas < obj.min_replicas:
             raise ConfigError(f"{where}: [cluster] max_replicas: smaller than min_replicas")
-        if obj.num_cpus < 0 or obj.num_gpus < 0 or obj.retries < 0:
-            raise ConfigError(f"{where}: [cluster] num_cpus, num_gpus and retries must not be negative")
+        for name in ("num_cpus", "num_gpus", "retries", "preparers", "preparer_num_cpus", "preparer_num_gpus"):
+            if getattr(obj, name) < 0:
+                raise ConfigError(f"{where}: [cluster] {name}: must not be negative")
     if section == "cache" and obj.size_limit_mb < 0:
         raise ConfigError(f"{where}: [cache] size_limit_mb: must not be negative")
 

@@ -67,8 +67,7 @@ class Daemon:
         ensure_dirs(config)
         # plugins first: a bad plugin or setting fails before minutes of model loading
         self.plugins = PluginHost(config.plugins, source=config.source)
-        limit = int(config.cache.size_limit_mb * 1024 * 1024) or None
-        self.cache = open_store(config.cache.dir, limit, config.cache.shared_dir)
+        self.cache = open_store(config.cache.dir, config.cache.size_limit_bytes, config.cache.shared_dir)
         if config.cache.shared_dir:
             log.info("artefacts shared through %s; %s is this machine's copy", config.cache.shared_dir, config.cache.dir)
         self.notifier.status("loading the speaker encoder")
@@ -100,7 +99,9 @@ class Daemon:
                 server_config.synthesis_threads, config.cluster.max_replicas * config.cluster.requests_per_replica))
         self.server = Server(server_config, self, Speech(self.engine, self.plugins),
                              where=str(config.source) if config.source else "config")
-        self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)
+        if not (config.cluster.address and config.cluster.preparers):
+            # stages here give way to requests here; the cluster's preparers have their own machines
+            self.library.set_external_demand(lambda: self.server is not None and self.server.queue_depth() > 0)
         self.library.start()
         self.watcher = FolderWatcher(self.library, config.voices)
         self.watcher.start()

@@ -71,7 +71,7 @@ def iter_embeddings(
     if use_cache:
         try:
             config.cache.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            cache = open_store(config.cache.dir, int(config.cache.size_limit_mb * 2**20) or None, config.cache.shared_dir)
+            cache = open_store(config.cache.dir, config.cache.size_limit_bytes, config.cache.shared_dir)
         except (OSError, CacheError) as exc:
             log.warning("cache unavailable, embedding without it: %s", exc)
     encoder: SpeakerEncoder | None = None

@@ -17,18 +17,31 @@ from voiced.hooks import hookimpl
 
 class ToneEngine(Engine):
     """``sentence_s`` (an engine option, default 0): speak sentence by sentence, taking that
-    long over each, like a real engine's streaming (for tests that need a request in flight)."""
+    long over each, like a real engine's streaming (for tests that need a request in flight).
+    ``refine_s`` (default 0): a second stage, "refined", taking that long in ten steps that
+    report progress and give way when told to, like a real engine's refinement."""
 
-    name, version, sample_rate, stages = "tone", "1", 16000, ("ready",)
+    name, version, sample_rate = "tone", "1", 16000
+    REFINE_STEPS = 10
 
-    def __init__(self, sentence_s: float = 0.0) -> None:
-        self.sentence_s = float(sentence_s)
+    def __init__(self, sentence_s: float = 0.0, refine_s: float = 0.0) -> None:
+        self.sentence_s, self.refine_s = float(sentence_s), float(refine_s)
+        self.stages = ("ready", "refined") if self.refine_s else ("ready",)
+        self.stopped_at: int | None = None
 
     def load(self, device: str = "auto") -> None:
         self.device = "cpu"  # a tone needs no accelerator
 
     def prepare_voice(self, reference: Any, embedding: np.ndarray, *, stage: str, budget_s: float | None = None,
-                      previous: Any = None, should_stop: Any = None) -> Conditioning:
+                      previous: Any = None, should_stop: Any = None, progress: Any = None) -> Conditioning:
+        if stage == "refined":
+            for step in range(self.REFINE_STEPS):
+                if should_stop is not None and should_stop():
+                    self.stopped_at = step  # for tests: where the stage gave way
+                    break
+                time.sleep(self.refine_s / self.REFINE_STEPS)
+                if progress is not None:
+                    progress((step + 1) / self.REFINE_STEPS)
         pitch = tone_pitch(embedding)
         return Conditioning({"pitch": np.array([pitch], np.float32)}, {"engine": self.name, "stage": stage})
 

@@ -1,10 +1,13 @@
-"""One synthesis replica of a cluster: a Ray Serve deployment holding a warm engine.
+"""One replica of a cluster: a Ray Serve deployment holding a warm engine.
 
 Replicas run on any machine of the Ray cluster. Each builds the daemon's engine from the
 daemon's own configuration (the same plugins, options and device rules), loads it once, and
 reads prepared voices by their store key from the shared store (with the machine's local store
 as its read-through cache), keeping the voices it speaks in memory. Requests name their voice
 as Serve's multiplexed model id, so Serve sends them to a replica that already holds it.
+
+The same class, deployed a second time as the preparers, runs the engine's preparation stages:
+one voice at a time per replica, streaming the stage's progress back to the front door.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -20,13 +24,16 @@ import numpy as np
 from ray import serve
 
 from voiced.config import Config, parse_config
-from voiced.engines.base import Conditioning, EngineError
+from voiced.engines.base import Conditioning, EngineError, reports_progress
 from voiced.store import open_store
 
 log = logging.getLogger(__name__)
 
 # a key has three parts, none holding this
 KEY_SEP = "|"
+# a preparing replica says how far it got at least this often, so the front door can call the
+# stage off (the file changed, the daemon stops) without waiting for the stage to end
+HEARTBEAT_S = 0.5
 
 
 def voice_id(key: tuple[str, str, str]) -> str:
@@ -37,7 +44,7 @@ def voice_id(key: tuple[str, str, str]) -> str:
 class Replica:
     """What a replica does; ``deployment()`` makes it a Serve deployment with the cluster's settings."""
 
-    def __init__(self, raw_config: Mapping[str, Any], source: str | None) -> None:
+    def __init__(self, raw_config: Mapping[str, Any], source: str | None, prepares: bool = False) -> None:
         from pathlib import Path
 
         from voiced.hooks import PluginHost
@@ -45,11 +52,18 @@ class Replica:
         self.config: Config = parse_config(raw_config, source=Path(source) if source else None, check_dirs=False)
         self.config.cache.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # this machine's copy of the share, in the folder the config names, within its size limit
-        limit = int(self.config.cache.size_limit_mb * 2**20) or None
-        self.store = open_store(self.config.cache.dir, limit, self.config.cache.shared_dir)
+        cache = self.config.cache
+        self.store = open_store(cache.dir, cache.size_limit_bytes, cache.shared_dir)
         plugins = PluginHost(self.config.plugins, source=self.config.source)
-        # synthesis needs no speaker encoder: voices come prepared
-        self.engine = plugins.create_engine(self.config.engine, self.config.cache.dir, None)
+        # synthesis needs no speaker encoder (voices come prepared); an engine's fit may
+        encoder = None
+        if prepares:
+            from voiced.encoder import SpeakerEncoder
+
+            settings = self.config.encoder
+            encoder = SpeakerEncoder(device=settings.device, weights_path=settings.weights or None,
+                                     threads=settings.threads or None)
+        self.engine = plugins.create_engine(self.config.engine, self.config.cache.dir, encoder)
         self.engine.load(self.config.engine.device)
         self.producer = f"{self.engine.name}@{self.engine.version}"
         self.where = f"{socket.gethostname()}:{os.getpid()}"
@@ -92,6 +106,41 @@ class Replica:
                 return
             yield np.asarray(chunk, np.float32)
 
+    async def prepare(self, reference: np.ndarray, embedding: np.ndarray, stage: str, budget_s: float | None,
+                      previous: tuple[Mapping[str, np.ndarray], Mapping[str, Any]] | None,
+                      stoppable: bool) -> AsyncIterator[dict[str, Any]]:
+        """One preparation stage: ``{"progress": x}`` events (x None: still at it), then
+        ``{"arrays": ..., "meta": ...}``. Called off (the stream cancelled), the engine is told
+        to stop through its ``should_stop``, if the front door's stage could be stopped at all."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[float] = asyncio.Queue()
+        called_off = threading.Event()
+        extra: dict[str, Any] = {}
+        if reports_progress(self.engine):
+            extra["progress"] = lambda done: loop.call_soon_threadsafe(events.put_nowait, float(done))
+        before = Conditioning(dict(previous[0]), dict(previous[1])) if previous is not None else None
+
+        def run() -> Conditioning:
+            return self.engine.prepare_voice(reference, embedding, stage=stage, budget_s=budget_s, previous=before,
+                                             should_stop=called_off.is_set if stoppable else None, **extra)
+
+        work = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            while not work.done():
+                waiting = asyncio.ensure_future(events.get())
+                await asyncio.wait({work, waiting}, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    yield {"progress": waiting.result()}
+                else:
+                    waiting.cancel()
+                    if not work.done():
+                        yield {"progress": None}
+            conditioning = work.result()  # the engine's own error (a bad reference) goes to the front door
+            yield {"arrays": {k: np.asarray(v) for k, v in conditioning.items()},
+                   "meta": dict(getattr(conditioning, "meta", {}))}
+        finally:
+            called_off.set()  # cancelled, or done: the engine has nothing more to do
+
 
 def deployment(cluster: Any) -> Any:
     """The Serve deployment of :class:`Replica` with ``[cluster]``'s settings."""
@@ -110,3 +159,13 @@ def deployment(cluster: Any) -> Any:
 
     return serve.deployment(Synthesizer, name="synthesizer", ray_actor_options=options,
                             max_ongoing_requests=cluster.requests_per_replica, **scaling)
+
+
+def preparers(cluster: Any) -> Any:
+    """The Serve deployment of the preparation replicas: one stage at a time each, as a
+    stage keeps every core it is given busy."""
+    options: dict[str, Any] = {"num_cpus": cluster.preparer_num_cpus}
+    if cluster.preparer_num_gpus:
+        options["num_gpus"] = cluster.preparer_num_gpus
+    return serve.deployment(Replica, name="preparer", ray_actor_options=options,
+                            num_replicas=cluster.preparers, max_ongoing_requests=1)

@@ -9,6 +9,7 @@ so the daemon can cache it on disk keyed by (engine name, engine version, file, 
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ __all__ = [
     "TextError",
     "check_seed",
     "check_speed",
+    "reports_progress",
     "whole_number",
 ]
 
@@ -178,3 +180,12 @@ def check_seed(params: Mapping[str, Any]) -> int:
     """Validate ``params['seed']`` (default 0) as a non-negative integer below 2**32."""
     raw = params.get("seed", 0)
     return 0 if raw is None else whole_number("seed", raw, 0, 2**32 - 1)
+
+
+def reports_progress(engine: Engine) -> bool:
+    """Whether ``engine.prepare_voice`` takes the keyword ``progress`` (named, or through **kwargs)."""
+    try:
+        parameters = inspect.signature(engine.prepare_voice).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)

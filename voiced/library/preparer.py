@@ -9,7 +9,6 @@ commits its result there only if the file did not change meanwhile (its generati
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any
 from voiced.audio import load_audio, voiced_fraction
 from voiced.config import VoicesConfig
 from voiced.embedding import audio_meta
-from voiced.engines.base import Engine, SpeakerEncoder
+from voiced.engines.base import Engine, SpeakerEncoder, reports_progress
 from voiced.errors import AudioError
 from voiced.fsutil import sha256_file
 from voiced.library.files import FileRecord, FileRecords
@@ -72,7 +71,7 @@ class Preparer:
         self.encoder, self.engine = encoder, engine
         self.preprocess, self.stage_budget_s = preprocess, stage_budget_s
         self._emit, self._resync = emit, resync  # resync: look at a file again (it went meanwhile)
-        self._reports_progress = engine is not None and _takes_keyword(engine.prepare_voice, "progress")
+        self._reports_progress = engine is not None and reports_progress(engine)
         # its own lock, taken inside the registry's (``Registry.changing``), never around it
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -390,11 +389,3 @@ class Preparer:
             log.warning("voice failed: %s: %s", done.name, reason, extra={"voice": done.name})
             self._emit("failed", done.to_dict())
 
-
-def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
-    """Whether ``function`` can be called with the keyword ``name`` (named, or through **kwargs)."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
