@@ -92,6 +92,8 @@ class Daemon:
         self.library = Library(
             config.voices, self.cache, self.encoder, engine=self.engine, preprocess=config.encoder.preprocess,
             stage_budget_s=config.engine.refine_budget_s, listeners=[self.plugins.voice_event],
+            # the cluster's preparers each take a stage, and one more worker keeps new files urgent
+            workers=config.cluster.preparers + 1 if config.cluster.address and config.cluster.preparers else 1,
         )
         server_config = config.server
         if config.cluster.address:  # a thread per request in flight on the cluster: they only wait

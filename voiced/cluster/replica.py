@@ -162,10 +162,11 @@ def deployment(cluster: Any) -> Any:
 
 
 def preparers(cluster: Any) -> Any:
-    """The Serve deployment of the preparation replicas: one stage at a time each, as a
-    stage keeps every core it is given busy."""
+    """The Serve deployment of the preparation replicas. The front door runs one background
+    stage at a time on each (a stage keeps every core it is given busy); the second slot lets a
+    new file's first stage in at once instead of behind a refinement."""
     options: dict[str, Any] = {"num_cpus": cluster.preparer_num_cpus}
     if cluster.preparer_num_gpus:
         options["num_gpus"] = cluster.preparer_num_gpus
     return serve.deployment(Replica, name="preparer", ray_actor_options=options,
-                            num_replicas=cluster.preparers, max_ongoing_requests=1)
+                            num_replicas=cluster.preparers, max_ongoing_requests=2)

@@ -73,6 +73,7 @@ class Library:
         stage_budget_s: float | None = None,
         hot_voices: int = 64,
         listeners: Iterable[VoiceListener] = (),
+        workers: int = 1,
     ) -> None:
         self.config = config
         self.root = Path(config.dir)
@@ -93,7 +94,7 @@ class Library:
         self.preparer = Preparer(
             config=config, registry=self.registry, folder=self.folder, files=self.files, prepared=self.prepared,
             encoder=encoder, engine=engine, preprocess=preprocess, stage_budget_s=stage_budget_s,
-            emit=self._emit, resync=self.sync_path,
+            emit=self._emit, resync=self.sync_path, workers=workers,
         )
 
     # ------------------------------------------------------------------ queries

@@ -1,10 +1,14 @@
-"""The preparer: one worker thread that turns recordings into prepared voices.
+"""The preparer: worker threads that turn recordings into prepared voices.
 
 A new or changed file is urgent: hash -> checks -> speaker embedding -> the engine's first
 stage, after which its voice is ready. Later stages (refinement) are background work: one stage
 per turn, behind every other voice's, and while synthesis requests wait they pause between
 steps instead of being thrown away. The worker reads a voice's snapshot from the registry and
 commits its result there only if the file did not change meanwhile (its generation).
+
+One worker does everything on the daemon's own machine. Where stages run elsewhere (a
+cluster's preparation replicas), there are more: all but one may run background stages at
+once, and the one left keeps new files urgent, so a stage no longer gives way to them.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Preparer:
         stage_budget_s: float | None,
         emit: Emit,
         resync: Callable[[str], None],
+        workers: int = 1,
     ) -> None:
         self.config = config
         self.registry, self.folder, self.files, self.prepared = registry, folder, files, prepared
@@ -78,9 +83,13 @@ class Preparer:
         self._urgent: deque[_Job] = deque()
         self._background: deque[_Job] = deque()
         self._queued: set[_Job] = set()
-        self._worker: threading.Thread | None = None
+        self.workers = max(1, workers)
+        # background stages running at once: one worker gives way to urgent work mid-stage;
+        # several keep one worker free for it
+        self._max_background = max(1, self.workers - 1)
+        self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._busy_path: str | None = None
+        self._busy: dict[int, _Job] = {}  # by thread: what each worker is at
         self._demand: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ queue
@@ -106,7 +115,7 @@ class Preparer:
 
     def depth(self) -> int:
         with self._lock:
-            return len(self._urgent) + len(self._background) + (1 if self._busy_path else 0)
+            return len(self._urgent) + len(self._background) + len(self._busy)
 
     def set_demand(self, demand: Callable[[], bool]) -> None:
         """Background stages yield whenever ``demand()`` is true (e.g. synthesis requests queued)."""
@@ -116,20 +125,23 @@ class Preparer:
 
     def start(self) -> None:
         with self._lock:
-            if self._worker is not None:
+            if self._threads:
                 return
             self._stopping = False
-            self._worker = threading.Thread(target=self._run, name="voiced-prepare", daemon=True)
-            self._worker.start()
+            self._threads = [threading.Thread(target=self._run, name=f"voiced-prepare-{i}", daemon=True)
+                             for i in range(self.workers)]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._work:
             self._stopping = True
             self._work.notify_all()
-            worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.join(timeout)
-            if worker.is_alive():
+            threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
                 log.warning("preparation worker still busy after %.1fs; leaving it", timeout)
 
     # ------------------------------------------------------------------ the worker
@@ -141,17 +153,33 @@ class Preparer:
             log.exception("demand check failed")
             return False
 
+    def _next_background(self) -> _Job | None:
+        """The background job a worker may start now, if any (called holding the lock): not
+        while requests wait, not past the limit, and not on a voice another worker is at."""
+        if not self._background or self._demanded():
+            return None
+        busy = list(self._busy.values())
+        if sum(job.background for job in busy) >= self._max_background:
+            return None
+        paths = {job.path for job in busy}
+        return next((job for job in self._background if job.path not in paths), None)
+
     def _run(self) -> None:
+        me = threading.get_ident()
         while True:
             with self._work:
-                while not self._stopping and not self._urgent and (not self._background or self._demanded()):
+                while True:
+                    if self._stopping:
+                        return
+                    job = self._urgent.popleft() if self._urgent else self._next_background()
+                    if job is not None:
+                        break
                     # background stages wait while requests are being served (checked every 100 ms)
                     self._work.wait(0.1 if self._background else None)
-                if self._stopping:
-                    return
-                job = (self._urgent or self._background).popleft()
+                if job.background:
+                    self._background.remove(job)
                 self._queued.discard(job)
-                self._busy_path = job.path
+                self._busy[me] = job
             try:
                 if job.background:
                     self._prepare_background(job.path)
@@ -166,8 +194,9 @@ class Preparer:
                     self.registry.update(job.path, lambda v: fail(
                         v, "internal error while preparing (see the daemon log)"))
             finally:
-                with self._lock:
-                    self._busy_path = None
+                with self._work:
+                    self._busy.pop(me, None)
+                    self._work.notify_all()  # a background stage may start now
                 self.registry.touch()
 
     def _prepare(self, path: str) -> None:
@@ -303,8 +332,8 @@ class Preparer:
             return self._stopping or not self.registry.is_current(path, gen)
 
         def must_abandon() -> bool:
-            with self._lock:
-                urgent = bool(self._urgent)
+            with self._lock:  # with one worker, new files' first stages would wait behind this
+                urgent = bool(self._urgent) and self.workers == 1
             return urgent or gone()
 
         set_aside = False  # a stage paused too long: what the engine returns is not its result
