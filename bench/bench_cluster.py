@@ -49,7 +49,7 @@ def daemon(root: Path, address: str | None, replicas: int, sentence_s: float, te
     }
     if address:
         settings["cluster"] = {"address": address, "min_replicas": replicas, "max_replicas": replicas,
-                               "num_cpus": 0.5, "requests_per_replica": per_replica,
+                               "num_cpus": 0.5, "requests_per_replica": per_replica, "preparer_num_cpus": 0,
                                "app_name": root.name}
     d = DaemonProcess(root, settings)
     d.start(wait=False)
