@@ -15,7 +15,11 @@ each replica run ``--per-replica`` requests at once (``synthesis_threads``,
 - **throughput**: ``--clients`` clients for ``--seconds`` each, with the tone engine taking
   ``--sentence-s`` per sentence (it sleeps, as an engine waits on its GPU). A machine with two
   cores cannot show real compute scaling across replicas; this shows that requests spread over
-  the replicas and what is left of their capacity after the front door.
+  the replicas and what is left of their capacity after the front door;
+- **routing by voice**: 2 replicas that hold one voice each (``voices_per_replica = 1``), the two
+  voices asked in turn, one request at a time: the share of requests a replica already holding
+  their voice spoke (the tone engine's journal says which process spoke which voice). Sent at
+  random, about half would land on the other replica and load the voice again.
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 VOICES = ("carlo_a", "june_b")
 
 
-def daemon(root: Path, address: str | None, replicas: int, sentence_s: float, testdata: Path, per_replica: int) -> DaemonProcess:
+def daemon(root: Path, address: str | None, replicas: int, sentence_s: float, testdata: Path, per_replica: int,
+           **cluster: Any) -> DaemonProcess:
     root.mkdir(parents=True)
     (root / "share").mkdir()
     settings: dict[str, Any] = {
-        "engine": {"name": "tone", "options": {"sentence_s": sentence_s}},
+        "engine": {"name": "tone", "options": {"sentence_s": sentence_s, "journal": str(root / "journal")}},
         "plugins": {"paths": [ROOT / "tests" / "fake_engines"]},
         "cache": {"shared_dir": root / "share"},
         "server": {"synthesis_threads": per_replica, "queue_size": 64},
@@ -50,7 +55,7 @@ def daemon(root: Path, address: str | None, replicas: int, sentence_s: float, te
     if address:
         settings["cluster"] = {"address": address, "min_replicas": replicas, "max_replicas": replicas,
                                "num_cpus": 0.5, "requests_per_replica": per_replica, "preparer_num_cpus": 0,
-                               "app_name": root.name}
+                               "app_name": root.name, **cluster}
     d = DaemonProcess(root, settings)
     d.start(wait=False)
     d.wait_answering(300)
@@ -69,6 +74,23 @@ def round_trips(d: DaemonProcess, n: int) -> list[float]:
             client.synthesize("A short reply.", voice=VOICES[i % 2], format="pcm_s16le")
             times.append(time.perf_counter() - t0)
     return times
+
+
+def routing(d: DaemonProcess, n: int) -> tuple[float, int]:
+    """Of ``n`` requests for the two voices in turn: the share spoken by a process that spoke
+    the same voice last (the voice was still loaded there), and how many processes spoke."""
+    journal = d.root / "journal"
+    round_trips(d, 20)  # each voice finds its replica
+    time.sleep(2.0)  # the replicas' voices reach Serve's routers
+    journal.write_text("")
+    round_trips(d, n)
+    last: dict[str, str] = {}
+    held = 0
+    for line in journal.read_text().splitlines():
+        pid, pitch = line.split()
+        held += last.get(pid) == pitch
+        last[pid] = pitch
+    return held / max(1, n - len(last)), len(last)  # each process's first request has no last
 
 
 def throughput(d: DaemonProcess, clients: int, seconds: float) -> float:
@@ -125,6 +147,11 @@ def main() -> None:
                 rows.append((label, p50, p99, rps))
                 print(f"{label}: p50 {1000 * p50:.2f} ms, p99 {1000 * p99:.2f} ms one at a time; "
                       f"{rps:.1f} requests/s with {args.clients} clients", flush=True)
+            with daemon(Path(tmp) / "routing", cluster.address, 2, 0.0, args.testdata, args.per_replica,
+                        voices_per_replica=1) as d:
+                share, speakers = routing(d, args.requests)
+            print(f"routing by voice: {100 * share:.0f}% of {args.requests} requests (two voices in turn, "
+                  f"one at a time) spoken by a replica that held their voice; {speakers} replicas spoke", flush=True)
     finally:
         cluster.shutdown()
     base = rows[0][1]

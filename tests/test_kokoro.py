@@ -92,6 +92,7 @@ def test_pitch_input_is_added_once_and_rebuilt_when_damaged(engines, tmp_path_fa
     assert not list(engine.cache_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # about 25 s on a 2-core machine; CI runs it
 def test_torch_weights_are_extracted_once_and_rebuilt_when_damaged(engines, tmp_path_factory, caplog):
     engine = _loaded(engines, "torch", tmp_path_factory)
     assert engine.pitch_control and engine.device == "cpu"
@@ -134,6 +135,7 @@ def test_torch_backend_speaks_like_onnxruntime(engines, tmp_path_factory, speake
             assert 0.7 < _rms(b) / _rms(a) < 1.4, (voice, sentence, _rms(a), _rms(b))
 
 
+@pytest.mark.slow  # about 25 s on a 2-core machine; CI runs it
 def test_torch_batch_speaks_each_item_as_it_would_alone(engines, tmp_path_factory):
     """Three utterances of different lengths, voices, speeds and pitches in one padded batch."""
     import torch

@@ -5,6 +5,7 @@ engine; point ``[plugins] paths`` at this folder and set ``[engine] name = "tone
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,13 +20,15 @@ class ToneEngine(Engine):
     """``sentence_s`` (an engine option, default 0): speak sentence by sentence, taking that
     long over each, like a real engine's streaming (for tests that need a request in flight).
     ``refine_s`` (default 0): a second stage, "refined", taking that long in ten steps that
-    report progress and give way when told to, like a real engine's refinement."""
+    report progress and give way when told to, like a real engine's refinement.
+    ``journal`` (default none): a file each synthesis appends "pid pitch" to, so a bench can
+    tell which process spoke which voice (a cluster's routing by voice)."""
 
     name, version, sample_rate = "tone", "1", 16000
     REFINE_STEPS = 10
 
-    def __init__(self, sentence_s: float = 0.0, refine_s: float = 0.0) -> None:
-        self.sentence_s, self.refine_s = float(sentence_s), float(refine_s)
+    def __init__(self, sentence_s: float = 0.0, refine_s: float = 0.0, journal: str = "") -> None:
+        self.sentence_s, self.refine_s, self.journal = float(sentence_s), float(refine_s), journal
         self.stages = ("ready", "refined") if self.refine_s else ("ready",)
         self.stopped_at: int | None = None
 
@@ -50,6 +53,9 @@ class ToneEngine(Engine):
 
     def synthesize(self, text: str, conditioning: Conditioning, params: dict[str, Any]) -> Iterator[np.ndarray]:
         pieces = [text] if not self.sentence_s else [s for s in text.split(". ") if s]
+        if self.journal:
+            with open(self.journal, "a") as journal:
+                journal.write(f"{os.getpid()} {float(conditioning['pitch'][0]):.3f}\n")
         for piece in pieces:
             if self.sentence_s:
                 time.sleep(self.sentence_s)
