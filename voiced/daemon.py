@@ -72,11 +72,7 @@ class Daemon:
             log.info("artefacts shared through %s; %s is this machine's copy", config.cache.shared_dir, config.cache.dir)
         self.notifier.status("loading the speaker encoder")
         started = time.monotonic()
-        self.encoder = SpeakerEncoder(
-            device=config.encoder.device,
-            weights_path=config.encoder.weights or None,
-            threads=config.encoder.threads or None,
-        )
+        self.encoder = SpeakerEncoder.from_config(config.encoder)
         log.info("speaker encoder %s@%s on %s", self.encoder.model_id, self.encoder.version, self.encoder.device)
         self.notifier.status(f"loading the {config.engine.name} engine")
         self.engine = create_engine(config, self.encoder, self.plugins)

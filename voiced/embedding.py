@@ -90,11 +90,7 @@ def iter_embeddings(
                 yield EmbedResult(str(file), error=f"cannot read: {exc.strerror or exc}")
                 continue
             if encoder is None:
-                encoder = SpeakerEncoder(
-                    device=config.encoder.device,
-                    weights_path=config.encoder.weights or None,
-                    threads=config.encoder.threads or None,
-                )
+                encoder = SpeakerEncoder.from_config(config.encoder)
             producer = f"{encoder.model_id}@{encoder.version}"
             if cache is not None:
                 entry = cache.get_entry(sha, producer, kind)

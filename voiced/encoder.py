@@ -25,6 +25,7 @@ import os
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from torch import nn
 
 from voiced.audio import SAMPLE_RATE, load_audio
 from voiced.errors import AudioError, ConfigError
+
+if TYPE_CHECKING:
+    from voiced.config import EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +358,11 @@ class SpeakerEncoder:
     """Loads the GE2E model once; ``embed`` turns 16 kHz mono audio into a unit 256-d vector."""
 
     model_id: str = MODEL_ID
+
+    @classmethod
+    def from_config(cls, settings: EncoderConfig) -> SpeakerEncoder:
+        """The encoder ``[encoder]`` describes (device, weights, threads)."""
+        return cls(device=settings.device, weights_path=settings.weights or None, threads=settings.threads or None)
 
     def __init__(
         self,

@@ -3,10 +3,12 @@ plugins, and sends synthesis to replicas on a Ray cluster (see replica.py).
 
 Voices are embedded here; the engine's preparation stages run on preparation replicas (or here,
 with ``preparers = 0``) and land in the shared store; a request names its voice by store key,
-and Serve routes it to a replica that holds that voice (or else to the least loaded one). A replica that dies mid-request costs a retry, not the request: the request
-runs again on another replica and the chunks already sent are skipped (the engine says the same
-text in the same voice the same way), so a streamed reply continues where it stopped. A stage
-whose preparation replica dies runs again from its start on another.
+and Serve routes it to a replica that holds that voice (or else to the least loaded one).
+
+A replica that dies mid-request costs a retry, not the request: the request runs again on
+another replica and the chunks already sent are skipped (the engine says the same text in the
+same voice the same way), so a streamed reply continues where it stopped. A stage whose
+preparation replica dies runs again from its start on another.
 """
 
 from __future__ import annotations
@@ -77,13 +79,15 @@ class ClusterEngine:
             raise ConfigError(f"[cluster] address: cannot join the Ray cluster at {self.cluster.address}: {exc}") from None
         serve.start(proxy_location="Disabled")
         source = str(self.config.source) if self.config.source else None
-        app = deployment(self.cluster).bind(to_dict(self.config), source)
-        self.handle = serve.run(app, name=self.cluster.app_name, route_prefix=None)
+        raw = to_dict(self.config)
+        self.handle = serve.run(deployment(self.cluster).bind(raw, source), name=self.cluster.app_name,
+                                route_prefix=None)
         self._check(self.handle)
         if self.cluster.preparers:
-            self.preparing = serve.run(preparers(self.cluster).bind(to_dict(self.config), source, True),
-                                       name=self.prepare_app, route_prefix=None)
-            self._check(self.preparing)
+            preparing = serve.run(preparers(self.cluster).bind(raw, source, True), name=self.prepare_app,
+                                  route_prefix=None)
+            self._check(preparing)
+            self.preparing = preparing.options(stream=True)  # made once: a new handle starts slowly
         log.info("cluster ready: application %r, replicas %d-%d, preparers %d", self.cluster.app_name,
                  self.cluster.min_replicas, self.cluster.max_replicas, self.cluster.preparers)
 
@@ -174,7 +178,7 @@ class ClusterEngine:
         before = (dict(previous), dict(getattr(previous, "meta", {}))) if previous is not None else None
         problem: Exception | None = None
         for attempt in range(self.cluster.retries + 1):
-            events = self.preparing.options(stream=True).prepare.remote(
+            events = self.preparing.prepare.remote(
                 np.asarray(reference, np.float32), np.asarray(embedding, np.float32), stage, budget_s, before,
                 should_stop is not None)
             try:

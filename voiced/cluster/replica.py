@@ -60,14 +60,12 @@ class Replica:
         if prepares:
             from voiced.encoder import SpeakerEncoder
 
-            settings = self.config.encoder
-            encoder = SpeakerEncoder(device=settings.device, weights_path=settings.weights or None,
-                                     threads=settings.threads or None)
+            encoder = SpeakerEncoder.from_config(self.config.encoder)
         self.engine = plugins.create_engine(self.config.engine, self.config.cache.dir, encoder)
         self.engine.load(self.config.engine.device)
         self.producer = f"{self.engine.name}@{self.engine.version}"
         self.where = f"{socket.gethostname()}:{os.getpid()}"
-        log.info("synthesis replica %s: engine %s on %s", self.where, self.producer, getattr(self.engine, "device", "cpu"))
+        log.info("%s replica %s: engine %s on %s", "preparation" if prepares else "synthesis", self.where, self.producer, getattr(self.engine, "device", "cpu"))
 
     def info(self) -> dict[str, Any]:
         """What the front door checks before sending work: the same engine, the same rate."""
@@ -142,11 +140,14 @@ class Replica:
             called_off.set()  # cancelled, or done: the engine has nothing more to do
 
 
+def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, Any]:
+    """What Ray reserves for each replica (no GPU key without GPUs: Ray would look for one)."""
+    return {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
+
+
 def deployment(cluster: Any) -> Any:
     """The Serve deployment of :class:`Replica` with ``[cluster]``'s settings."""
-    options: dict[str, Any] = {"num_cpus": cluster.num_cpus}
-    if cluster.num_gpus:
-        options["num_gpus"] = cluster.num_gpus
+    options = _actor_options(cluster.num_cpus, cluster.num_gpus)
     scaling: dict[str, Any] = {"num_replicas": cluster.min_replicas}
     if cluster.max_replicas > cluster.min_replicas:
         scaling = {"autoscaling_config": {"min_replicas": cluster.min_replicas, "max_replicas": cluster.max_replicas,
@@ -165,8 +166,6 @@ def preparers(cluster: Any) -> Any:
     """The Serve deployment of the preparation replicas. The front door runs one background
     stage at a time on each (a stage keeps every core it is given busy); the second slot lets a
     new file's first stage in at once instead of behind a refinement."""
-    options: dict[str, Any] = {"num_cpus": cluster.preparer_num_cpus}
-    if cluster.preparer_num_gpus:
-        options["num_gpus"] = cluster.preparer_num_gpus
+    options = _actor_options(cluster.preparer_num_cpus, cluster.preparer_num_gpus)
     return serve.deployment(Replica, name="preparer", ray_actor_options=options,
                             num_replicas=cluster.preparers, max_ongoing_requests=2)
