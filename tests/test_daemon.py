@@ -157,10 +157,18 @@ def test_voice_lifecycle_through_the_daemon(daemon: DaemonProcess, clips: dict[s
 
     # changed content: prepared again, new hash
     shutil.copyfile(clips["june_b"], daemon.voices / "life-renamed.wav")
-    changed = daemon.wait_ready("life-renamed", sha256=sha256_file(clips["june_b"]))
+    changed = daemon.wait_ready("life-renamed", sha256=sha256_file(clips["june_b"]), stage="refined")
     assert changed["sha256"] != first["sha256"]
 
-    # deleted: gone from voices, and its cache entries evicted after the grace period
+    # deleted: gone from voices, and its cache entries evicted after the grace period.
+    # A voice is ready before its results are on disk (they are stored right after): wait for
+    # the last stage's to land, or the eviction checked below could precede a store.
+    deadline = time.monotonic() + 30
+    with LocalStore(daemon.cache_dir) as cache:
+        while (not any(kind == "refined" for _, kind in cache.entries_for(changed["sha256"]))
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        assert any(kind == "refined" for _, kind in cache.entries_for(changed["sha256"]))
     (daemon.voices / "life-renamed.wav").unlink()
     daemon.wait_voice("life-renamed", lambda v: v is None)
     deadline = time.monotonic() + 30
