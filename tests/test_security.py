@@ -1,7 +1,8 @@
 """Authenticated network access: CURVE on tcp://, file permissions on ipc://, refusals at start.
 
 One real daemon (a subprocess) with CURVE on a free loopback port and an ipc endpoint; real
-keys from `voiced keygen`; real clients. No mocks.
+keys from `voiced keygen`; real clients. Its engine is the tests' weightless one: nothing here
+is about the voice, and Kokoro would only add its loading time.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from voiced.config import load_config
 from voiced.errors import ConfigError, VoicedError
 from voiced.security import is_loopback, prepare_ipc
 from voiced.testing import DaemonProcess, free_port
+
+from fakes import FAKE_ENGINES
 
 # A client that cannot get in is told why as soon as ZeroMQ knows, long before its timeout
 # (the default 60 s, which stands for requests a daemon accepted).
@@ -63,7 +66,7 @@ class Secured(DaemonProcess):
             "curve_secret_key": "keys/server.key_secret",
             "curve_clients_dir": "clients",
         }
-        super().__init__(root, {"server": server})
+        super().__init__(root, {"server": server, "engine": {"name": "tone"}, "plugins": {"paths": [FAKE_ENGINES]}})
 
     def client(self, key: Path | None, **kwargs: object) -> Client:  # type: ignore[override]
         # a key the daemon does not know is refused at once; one it knows is answered within minutes anywhere
@@ -154,6 +157,13 @@ def test_ipc_path_in_use_or_not_a_socket_is_refused(daemon: Secured, tmp_path: P
     config = write_config(tmp_path, f'endpoints = ["ipc://{daemon.ipc_path}"]')
     result = voiced("serve", "--config", str(config))
     assert result.returncode == 1 and "is listening on it" in result.stderr.strip().splitlines()[-1]
+    assert "speaker encoder" not in result.stderr  # refused before any model is loaded
+    # the same for a tcp port in use (the first daemon's)
+    config = write_config(tmp_path, f'endpoints = ["{daemon.tcp}"]')
+    result = voiced("serve", "--config", str(config))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and f"cannot bind {daemon.tcp}: the port is in use" in last, result.stderr
+    assert "speaker encoder" not in result.stderr
     with Client(f"ipc://{daemon.ipc_path}", timeout_s=10) as client:  # the first one still answers
         assert client.ping()["protocol"] == 1
 

@@ -29,6 +29,7 @@ from voiced.library import Library, VoiceState
 from voiced.notify import Notifier, WatchdogPinger
 from voiced.hooks import PluginHost
 from voiced.protocol import VOICE_FAILED, VOICE_NOT_FOUND, VOICE_NOT_READY, ProtocolError
+from voiced.security import check_endpoints_free
 from voiced.server import Server
 from voiced.speech import Speech
 from voiced.watcher import FolderWatcher
@@ -67,6 +68,7 @@ class Daemon:
         ensure_dirs(config)
         # plugins first: a bad plugin or setting fails before minutes of model loading
         self.plugins = PluginHost(config.plugins, source=config.source)
+        check_endpoints_free(config.server.endpoints)  # a second daemon on the same socket fails now
         self.cache = open_store(config.cache.dir, config.cache.size_limit_bytes, config.cache.shared_dir)
         if config.cache.shared_dir:
             log.info("artefacts shared through %s; %s is this machine's copy", config.cache.shared_dir, config.cache.dir)

@@ -11,11 +11,13 @@ See SECURITY.md for the threat model.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import socket
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,6 +182,41 @@ def prepare_ipc(endpoint: str) -> Path | None:
         except OSError as exc:
             raise VoicedError(f"cannot create the folder of {endpoint}: {exc.strerror or exc}") from None
     return path
+
+
+def check_endpoints_free(endpoints: Iterable[str]) -> None:
+    """Refuse, before minutes of model loading, endpoints the server could not bind: an ipc path
+    another process listens on (or a file that is no socket), a tcp port already taken. The
+    binding itself checks again; this only moves the error to the start."""
+    for endpoint in endpoints:
+        if endpoint.startswith("ipc://"):
+            path_text = endpoint[len("ipc://"):]
+            if path_text and not path_text.startswith("@") and path_text != "*":
+                _check_ipc_free(endpoint, Path(path_text))
+        elif endpoint.startswith("tcp://"):
+            _check_tcp_free(endpoint)
+
+
+def _check_tcp_free(endpoint: str) -> None:
+    host, port_text = endpoint_host(endpoint), endpoint.rsplit(":", 1)[-1]
+    if not port_text.isdigit() or int(port_text) == 0:
+        return  # "*" or 0: a port the system picks is always free
+    try:
+        infos = socket.getaddrinfo("0.0.0.0" if host == "*" else host, int(port_text), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return  # an interface name (tcp://eth0:5599) or a name ZeroMQ resolves its own way
+    family, kind, proto, _, address = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        # as ZeroMQ binds: a port in TIME_WAIT is usable, one with a listener is not
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise VoicedError(f"cannot bind {endpoint}: the port is in use (a running voiced?)") from None
+        raise VoicedError(f"cannot bind {endpoint}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
 
 
 def _check_ipc_free(endpoint: str, path: Path) -> None:
