@@ -34,6 +34,8 @@ from voiced.fsutil import sha256_file
 from voiced.protocol import ERROR_CODES
 from voiced.testing import DaemonProcess, free_port
 
+from fakes import FAKE_ENGINES
+
 
 
 QUIETER = """
@@ -47,6 +49,13 @@ def voiced_postprocess_audio(audio, request):
         return (audio * 0.25).astype(np.float32)
     return None
 """
+
+
+def tone(**options: Any) -> dict[str, dict[str, Any]]:
+    """Settings for a daemon on the tests' weightless engine (``tests/fake_engines``): for tests of
+    the daemon's own workings (signals, housekeeping, the watch, plugin doors), where Kokoro would
+    only add its 15 s of loading."""
+    return {"engine": {"name": "tone", "options": options}, "plugins": {"paths": [FAKE_ENGINES]}}
 
 
 @pytest.fixture(scope="module")
@@ -636,7 +645,7 @@ def test_client_commands_without_a_daemon_say_so_at_once(tmp_path: Path) -> None
 
 
 def test_sighup_reloads_and_sigterm_exits_cleanly(tmp_path: Path, clips: dict[str, Path]) -> None:
-    d = DaemonProcess(tmp_path).start()
+    d = DaemonProcess(tmp_path, tone(sentence_s=1.0)).start()  # a sentence takes 1 s: in flight at SIGTERM
     try:
         shutil.copyfile(clips["june_b"], d.voices / "june.wav")
         d.wait_ready("june")
@@ -659,34 +668,10 @@ def test_sighup_reloads_and_sigterm_exits_cleanly(tmp_path: Path, clips: dict[st
     assert "voiced stopped" in d.log.read_text()
 
 
-IDLE_PROBE = """
-from voiced.hooks.builtin import kokoro_factory
-from voiced.hooks import hookimpl
-
-def probe_factory(context):
-    engine = kokoro_factory(context)
-    calls = context.cache_dir / "idle-calls"
-
-    def idle():  # counts the daemon's calls, then fails like a broken plugin engine would
-        with open(calls, "a") as fh:
-            fh.write("x")
-        raise RuntimeError("probe refuses to tidy up")
-
-    engine.idle = idle
-    return engine
-
-@hookimpl
-def voiced_register_engines(register):
-    register("idle-probe", probe_factory)
-"""
-
-
 def test_engine_housekeeping_runs_and_its_failure_is_logged_once(tmp_path: Path) -> None:
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "idle_probe.py").write_text(IDLE_PROBE)
-    d = DaemonProcess(tmp_path, {"engine": {"name": "idle-probe"}, "plugins": {"paths": [tmp_path / "plugins"]}}).start()
+    calls = tmp_path / "idle-calls"  # the engine counts the daemon's calls, then fails like a broken one
+    d = DaemonProcess(tmp_path, tone(idle_calls=calls)).start()
     try:
-        calls = d.cache_dir / "idle-calls"
         deadline = time.monotonic() + 30
         while (not calls.exists() or len(calls.read_text()) < 3) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -696,7 +681,7 @@ def test_engine_housekeeping_runs_and_its_failure_is_logged_once(tmp_path: Path)
     finally:
         code = d.stop()
     assert code == 0
-    assert d.log.read_text().count("engine housekeeping failed: probe refuses to tidy up") == 1
+    assert d.log.read_text().count("engine housekeeping failed: tone refuses to tidy up") == 1
 
 
 # ---------------------------------------------------------------------------- plugins in the real daemon
@@ -729,7 +714,7 @@ def test_plugin_folder_and_first_party_plugin(daemon: DaemonProcess, speaker: st
 def test_voices_watch_waits_for_a_file_still_being_written(tmp_path: Path, clips: dict[str, Path]) -> None:
     """A file half copied is a voice to come: status counts it as settling, and the watch goes on
     until it is complete and prepared, instead of ending with the voices it already has."""
-    daemon = DaemonProcess(tmp_path, {"voices": {"settle_s": 60.0}, "engine": {"refine_budget_s": 0.0}}).start()
+    daemon = DaemonProcess(tmp_path, {**tone(), "voices": {"settle_s": 60.0}}).start()
     try:
         shutil.copyfile(clips["carlo_a"], daemon.voices / "carlo.wav")
         daemon.wait_voice("carlo", lambda v: v is not None and v["state"] == "ready")
@@ -759,7 +744,7 @@ def test_voices_watch_waits_for_a_file_still_being_written(tmp_path: Path, clips
 
 def test_voices_watch_follows_a_drop_until_all_are_done(tmp_path: Path, clips: dict[str, Path]) -> None:
     """voiced voices --watch in a pipe: a line per change, then it exits; 1 with the failed voice named."""
-    daemon = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0.0}}).start()
+    daemon = DaemonProcess(tmp_path, tone()).start()
     try:
         watch = [sys.executable, "-m", "voiced", "voices", "--watch", "--interval", "0.2", "--endpoint", daemon.tcp]
         # the watch starts before the drop (on any machine), so it sees the voices arrive
@@ -824,10 +809,10 @@ def test_a_plugin_opens_a_front_door_onto_the_daemon(tmp_path: Path, clips: dict
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "side_door.py").write_text(SIDE_DOOR)
     out = tmp_path / "plugins" / "side-door"
-    d = DaemonProcess(tmp_path, {"engine": {"refine_budget_s": 0}, "plugins": {"paths": [tmp_path / "plugins"]}}).start()
+    d = DaemonProcess(tmp_path, {"engine": {"name": "tone"}, "plugins": {"paths": [tmp_path / "plugins", FAKE_ENGINES]}}).start()
     try:
         info = json.loads((out / "info.json").read_text())
-        assert info == {"sample_rate": 24000, "voices": []}
+        assert info == {"sample_rate": 16000, "voices": []}
         shutil.copyfile(clips["allison_a"], d.voices / "allison.wav")
         deadline = time.monotonic() + 300
         while not (out / "header.json").exists() and not (out / "error.txt").exists() and time.monotonic() < deadline:
@@ -835,7 +820,7 @@ def test_a_plugin_opens_a_front_door_onto_the_daemon(tmp_path: Path, clips: dict
         assert not (out / "error.txt").exists(), (out / "error.txt").read_text()
         header = json.loads((out / "header.json").read_text())
         audio, rate = decode((out / "reply.wav").read_bytes())
-        assert header["voice"]["name"] == "allison" and rate == header["sample_rate"] == 24000
+        assert header["voice"]["name"] == "allison" and rate == header["sample_rate"] == 16000
         assert header["duration_s"] == pytest.approx(len(audio) / rate, abs=1e-3) and len(audio) > rate // 2
         with d.client() as client:
             assert client.status()["requests"]["served"] >= 1  # counted with the ZeroMQ door's

@@ -116,8 +116,9 @@ def test_refusals_come_at_once_or_to_the_reply(server: Server) -> None:
 def test_a_full_queue_is_busy_for_every_door(server: Server) -> None:
     long_text = " ".join(["This sentence keeps the model busy for a while."] * 3)
     replies = [Collected() for _ in range(5)]
-    for reply in replies:  # one runs, four wait: the queue holds four
-        server.submit(Synthesize(text=long_text, voice="alice", format="pcm_s16le"), reply)
+    # one runs (long enough for the refusals below), four short ones wait: the queue holds four
+    for reply, text in zip(replies, [long_text] + ["Hi."] * 4):
+        server.submit(Synthesize(text=text, voice="alice", format="pcm_s16le"), reply)
     with pytest.raises(ProtocolError) as caught:
         server.submit(Synthesize(text="One more.", voice="alice"), Collected())
     assert caught.value.code == BUSY

@@ -22,18 +22,27 @@ class ToneEngine(Engine):
     ``refine_s`` (default 0): a second stage, "refined", taking that long in ten steps that
     report progress and give way when told to, like a real engine's refinement.
     ``journal`` (default none): a file each synthesis appends "pid pitch" to, so a bench can
-    tell which process spoke which voice (a cluster's routing by voice)."""
+    tell which process spoke which voice (a cluster's routing by voice).
+    ``idle_calls`` (default none): a file each call of ``idle`` appends "x" to before it fails,
+    as a broken engine's housekeeping would (for tests of the daemon's)."""
 
     name, version, sample_rate = "tone", "1", 16000
     REFINE_STEPS = 10
 
-    def __init__(self, sentence_s: float = 0.0, refine_s: float = 0.0, journal: str = "") -> None:
+    def __init__(self, sentence_s: float = 0.0, refine_s: float = 0.0, journal: str = "", idle_calls: str = "") -> None:
         self.sentence_s, self.refine_s, self.journal = float(sentence_s), float(refine_s), journal
+        self.idle_calls = idle_calls
         self.stages = ("ready", "refined") if self.refine_s else ("ready",)
         self.stopped_at: int | None = None
 
     def load(self, device: str = "auto") -> None:
         self.device = "cpu"  # a tone needs no accelerator
+
+    def idle(self) -> None:
+        if self.idle_calls:
+            with open(self.idle_calls, "a") as calls:
+                calls.write("x")
+            raise RuntimeError("tone refuses to tidy up")
 
     def prepare_voice(self, reference: Any, embedding: np.ndarray, *, stage: str, budget_s: float | None = None,
                       previous: Any = None, should_stop: Any = None, progress: Any = None) -> Conditioning:
