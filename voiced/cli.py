@@ -117,9 +117,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     # the plugins and the engine's options as well: what `serve` would otherwise only refuse after
     # loading the speaker encoder (the engine is built, no model is loaded)
-    from voiced.daemon import create_engine
+    # through the plugin host, not the daemon: check-config need not import torch (seconds)
+    from voiced.hooks import PluginHost
 
-    create_engine(config, encoder=None)
+    PluginHost(config.plugins, source=config.source).create_engine(config.engine, config.cache.dir, None)
     if args.json:
         print(json.dumps({"source": str(config.source) if config.source else None, **to_dict(config)}, indent=2))
     else:
