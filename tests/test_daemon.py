@@ -59,7 +59,7 @@ def tone(**options: Any) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, kokoro_models: Any) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("daemon")
     (root / "plugins").mkdir()
     (root / "plugins" / "quieter.py").write_text(QUIETER)
@@ -67,7 +67,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
         "plugins": {"enabled": ["journal"], "paths": [root / "plugins"]},
         "plugins.journal": {"file": root / "journal.jsonl"},
     }
-    d = DaemonProcess(root, plugins).start()
+    d = DaemonProcess(root, plugins)
+    kokoro_models(d.cache_dir / "models")
+    d.start()
     yield d
     assert d.stop() == 0
 

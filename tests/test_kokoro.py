@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import psutil
@@ -22,15 +23,25 @@ from voiced.engines.kokoro.post import resample_24k_to_16k
 from voiced.fsutil import sha256_file
 
 
+class Engines(dict):
+    """One loaded engine per backend, made on first use in a folder seeded with the session's
+    derived model files (``kokoro_models``)."""
+
+    def __init__(self, seed: Any) -> None:
+        super().__init__()
+        self.seed = seed
+
+
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KokoroEngine]:
-    """One loaded engine per backend, made on first use and shared by the module's tests."""
-    return {}
+def engines(kokoro_models: Any) -> Engines:
+    """Shared by the module's tests."""
+    return Engines(kokoro_models)
 
 
-def _loaded(engines: dict[str, KokoroEngine], backend: str, tmp_path_factory: pytest.TempPathFactory) -> KokoroEngine:
+def _loaded(engines: Engines, backend: str, tmp_path_factory: pytest.TempPathFactory) -> KokoroEngine:
     if backend not in engines:
-        eng = KokoroEngine(tmp_path_factory.mktemp(f"kokoro-{backend}"), max_chars=20_000, backend=backend)
+        folder = engines.seed(tmp_path_factory.mktemp(f"kokoro-{backend}"))
+        eng = KokoroEngine(folder, max_chars=20_000, backend=backend)
         eng.load("cpu")
         engines[backend] = eng
     return engines[backend]

@@ -55,9 +55,10 @@ def door(tmp_path: Path, engine: dict[str, Any], **door_settings: Any) -> tuple[
 
 
 @pytest.fixture(scope="module")
-def kokoro(tmp_path_factory: pytest.TempPathFactory, testdata_dir: Path) -> Any:
+def kokoro(tmp_path_factory: pytest.TempPathFactory, testdata_dir: Path, kokoro_models: Any) -> Any:
     d, url = door(tmp_path_factory.mktemp("openai-kokoro"), {"refine_budget_s": 0},
                   voice_aliases={"alloy": "allison"})
+    kokoro_models(d.cache_dir / "models")
     d.start()
     try:
         shutil.copyfile(testdata_dir / "voices" / "allison_a.wav", d.voices / "allison.wav")

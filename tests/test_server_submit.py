@@ -49,8 +49,8 @@ class Collected:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    engine = KokoroEngine(tmp_path_factory.mktemp("kokoro"), max_chars=20_000)
+def server(tmp_path_factory: pytest.TempPathFactory, kokoro_models: Any) -> Iterator[Server]:
+    engine = KokoroEngine(kokoro_models(tmp_path_factory.mktemp("kokoro")), max_chars=20_000)
     engine.load("cpu")
     config = ServerConfig(endpoints=(f"tcp://127.0.0.1:{free_port()}",), queue_size=4, max_text_chars=500)
     server = Server(config, Shelf(engine.default_conditioning(), alice="ready", bob="preparing", carol="failed"), Speech(engine))

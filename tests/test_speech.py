@@ -22,8 +22,8 @@ TWO = "The river was calm. We walked along it until dark."
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> KokoroEngine:
-    eng = KokoroEngine(tmp_path_factory.mktemp("kokoro"), max_chars=20_000)
+def engine(tmp_path_factory: pytest.TempPathFactory, kokoro_models: Any) -> KokoroEngine:
+    eng = KokoroEngine(kokoro_models(tmp_path_factory.mktemp("kokoro")), max_chars=20_000)
     eng.load("cpu")
     return eng
 

@@ -64,8 +64,9 @@ def pcm(events: list[Event]) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def kokoro(tmp_path_factory: pytest.TempPathFactory, testdata_dir: Path) -> Any:
+def kokoro(tmp_path_factory: pytest.TempPathFactory, testdata_dir: Path, kokoro_models: Any) -> Any:
     d, port = door(tmp_path_factory.mktemp("wyoming-kokoro"), {"refine_budget_s": 0})
+    kokoro_models(d.cache_dir / "models")
     d.start()
     try:
         shutil.copyfile(testdata_dir / "voices" / "allison_a.wav", d.voices / "allison.wav")
