@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "voiced-kokoro-bench"))
     ap.add_argument("--backend", default="onnx", choices=("onnx", "torch"))
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--fit", default="search", choices=("search", "gradient"), help="the refined stage's fit (gradient: torch)")
+    ap.add_argument("--fit", default="search", choices=("search", "gradient"), help="the refined stage's fit (gradient: through the torch network, on either backend)")
     ap.add_argument("--fit-budget", type=float, default=60.0)
     ap.add_argument("--wer", action="store_true", help="also Whisper base's WER on 15 held-out sentences")
     args = ap.parse_args()
@@ -104,7 +104,7 @@ def main() -> int:
         print(f"{panel.name}: " + "; ".join(f"{s} {panel.scale(s)}" for s in SPEAKERS))
     whisper = Whisper() if args.wer else None
 
-    backend = "torch" if args.fit == "gradient" else args.backend
+    backend = args.backend
     engine = KokoroEngine(args.cache, threads=args.threads, backend=backend, fit=args.fit)
     print(f"backend {backend}, refined by {args.fit} with a {args.fit_budget:g} s budget", flush=True)
     engine.load("cpu")

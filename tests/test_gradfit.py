@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fakes import TickingClock
 
-from voiced.engines.base import EngineError, ParamError
+from voiced.engines.base import ParamError
 from voiced.engines.kokoro import KokoroEngine, gradfit, post
 
 RATE = 16_000
@@ -85,16 +85,15 @@ def test_switching_the_fit_refits_the_voices(tmp_path):
     assert gradient.version != search.version and "gradient" in gradient.version
 
 
-def test_gradient_fit_needs_the_torch_backend(tmp_path):
-    with pytest.raises(ParamError, match="torch"):
-        KokoroEngine(tmp_path, fit="gradient")
+def test_the_fit_is_one_of_two(tmp_path):
+    assert KokoroEngine(tmp_path, fit="gradient").fit == "gradient"  # on onnx too: see below
     with pytest.raises(ParamError, match="fit must be one of"):
         KokoroEngine(tmp_path, backend="torch", fit="adam")
 
 
 @pytest.fixture(scope="module")
-def torch_engine(tmp_path_factory, speaker_encoder) -> KokoroEngine:
-    eng = KokoroEngine(tmp_path_factory.mktemp("kokoro-torch"), backend="torch", fit="gradient",
+def torch_engine(tmp_path_factory, speaker_encoder, kokoro_models) -> KokoroEngine:
+    eng = KokoroEngine(kokoro_models(tmp_path_factory.mktemp("kokoro-torch")), backend="torch", fit="gradient",
                        encoder=speaker_encoder)
     eng.load("cpu")
     return eng
@@ -193,10 +192,23 @@ def test_gradient_refine_told_to_stop_keeps_the_quick_voice(torch_engine, testda
     assert np.array_equal(stopped["style"], quick["style"]) and "cut" not in stopped.meta
 
 
-def test_gradient_refine_on_onnx_says_what_it_needs(testdata_dir, speaker_encoder, tmp_path):
-    eng = KokoroEngine(tmp_path, encoder=speaker_encoder)
+def test_on_onnx_the_gradient_fit_runs_through_a_torch_network_of_its_own(testdata_dir, speaker_encoder,
+                                                                         kokoro_models, tmp_path):
+    """The int8 graph has no gradient: the fit loads the float32 network once, and the voice it
+    makes is spoken by onnxruntime."""
+    from voiced.engines.kokoro.torchnet import KokoroNet
+
+    eng = KokoroEngine(kokoro_models(tmp_path), encoder=speaker_encoder, fit="gradient")
     eng.load("cpu")
+    assert eng.backend is not None and eng.backend.name == "onnx"
+    net = eng.fit_network()
+    assert isinstance(net, KokoroNet) and eng.fit_network() is net  # loaded once
     wav = _read(testdata_dir, "carlo_a.wav")
     emb = speaker_encoder.embed(wav)
-    with pytest.raises(EngineError, match="torch backend"):
-        eng.fitter().refine(emb, reference=wav, method="gradient", max_evals=1)
+    quick = eng.prepare_voice(wav, emb, stage="quick")
+    refined = eng.fitter().refine(emb, previous=quick, reference=wav, method="gradient", max_evals=1,
+                                  budget_s=3600)
+    assert refined.meta["method"] == "gradient" and refined.meta["steps"] == 1
+    assert not np.array_equal(refined["style"], quick["style"])  # the step moved the voice
+    audio = eng.synthesize_all("Spoken by the int8 graph.", refined)
+    assert len(audio) > eng.sample_rate // 2 and np.isfinite(audio).all()

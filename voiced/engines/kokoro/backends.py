@@ -216,6 +216,22 @@ def torch_device(device: str) -> Any:
         raise EngineError(str(exc)) from None
 
 
+def load_network(model: Path, graph_sha256: str, device: Any) -> Any:
+    """The float32 network of torchnet.py with the weights recovered from the graph, on ``device``
+    (a torch device), in eval mode and without gradients of its own."""
+    from voiced.engines.kokoro import torchweights
+    from voiced.engines.kokoro.torchnet import KokoroNet
+
+    path = torchweights.cached_weights(model, graph_sha256)
+    try:
+        state = torchweights.load_state(path)
+        net = KokoroNet()
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:  # a file that passed its digest but not the network: say which
+        raise EngineError(f"cannot load the torch weights {path}: {exc}") from exc
+    return net.eval().requires_grad_(False).to(device)
+
+
 class TorchBackend:
     """The float32 network of torchnet.py with the weights recovered from the graph."""
 
@@ -225,21 +241,11 @@ class TorchBackend:
     def __init__(self, model: Path, graph_sha256: str, device: str, threads: int | None, batch: int = 1) -> None:
         import torch
 
-        from voiced.engines.kokoro import torchweights
-        from voiced.engines.kokoro.torchnet import KokoroNet
-
         resolved = torch_device(device)
         if threads:
             torch.set_num_threads(int(threads))  # process-wide: torch has one intra-op pool
-        path = torchweights.cached_weights(model, graph_sha256)
-        try:
-            state = torchweights.load_state(path)
-            net = KokoroNet()
-            net.load_state_dict(state, strict=True)
-        except Exception as exc:  # a file that passed its digest but not the network: say which
-            raise EngineError(f"cannot load the torch weights {path}: {exc}") from exc
         self._torch = torch
-        self.net = net.eval().requires_grad_(False).to(resolved)
+        self.net = load_network(model, graph_sha256, resolved)
         self.torch_device = resolved
         self.device = str(resolved) if resolved.type == "cpu" else f"cuda:{resolved.index or 0}"
         self.batcher: Batcher[tuple[list[int], np.ndarray, float, float], np.ndarray] = Batcher(self._batch, batch)
@@ -274,4 +280,4 @@ def load_backend(name: str, model: Path, graph_sha256: str, device: str, threads
     raise EngineError(f"unknown Kokoro backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "Batcher", "OnnxBackend", "TorchBackend", "load_backend", "torch_device"]
+__all__ = ["BACKENDS", "Backend", "Batcher", "OnnxBackend", "TorchBackend", "load_backend", "load_network", "torch_device"]

@@ -113,7 +113,7 @@ class KokoroEngine(Engine):
         the ``[engine] options`` of the daemon's config; a bad value raises ParamError naming it.
         ``fit`` chooses how the refined stage is made: "search" (derivative-free, on synthesis and
         GE2E; any backend) or "gradient" (Adam through the network on several views of the
-        speaker, see gradfit.py; torch backend only).
+        speaker, see gradfit.py; on onnx the torch network is loaded for the fit alone).
         """
         self.cache_dir = Path(cache_dir)
         self.max_chars = whole_number("max_chars", max_chars, 1)
@@ -127,8 +127,6 @@ class KokoroEngine(Engine):
         self.batch = whole_number("batch", batch, 0, MAX_BATCH)
         if fit not in FIT_METHODS:
             raise ParamError(f"fit must be one of {', '.join(FIT_METHODS)}, got {fit!r}")
-        if fit == "gradient" and backend != "torch":
-            raise ParamError('fit = "gradient" needs backend = "torch"')
         self.fit = fit
         self._encoder = encoder
         self._files = weights.locate()
@@ -142,6 +140,10 @@ class KokoroEngine(Engine):
         self.backend: Backend | None = None
         self._fitter: Any = None
         self._fitter_lock = threading.Lock()
+        self._fit_net: Any = None  # on onnx: the torch network the gradient fit runs through
+        self._fit_net_lock = threading.Lock()
+        self._model: Path | None = None
+        self._device_request = "auto"
         self._calls = threading.Lock()  # guards the three fields below
         self._running = 0  # model calls in progress
         self._last_call = 0.0  # time.monotonic() at the end of the last model call
@@ -156,6 +158,7 @@ class KokoroEngine(Engine):
     def load(self, device: str = "auto") -> None:
         """Join/verify the weights if needed, load the backend, run one real synthesis."""
         path = weights.assemble_model(self.cache_dir, self._files)
+        self._model, self._device_request = path, device
         t0 = time.perf_counter()
         self.backend = load_backend(self.backend_name, path, self._files.sha256, device, self.threads, self.batch)
         if self.batch == 0 and isinstance(self.backend, TorchBackend):  # see __init__: GPUs gain, CPUs lose
@@ -339,6 +342,24 @@ class KokoroEngine(Engine):
                 raise EngineError("voice cloning needs the speaker encoder (voiced.encoder)") from exc
             self._encoder = SpeakerEncoder()
         return self._encoder
+
+    def fit_network(self) -> Any:
+        """The torch network the gradient fit runs through: the torch backend's own, or on onnx
+        one loaded on first use (the same weights in float32, about 330 MB, kept for the next
+        fit), so voices fitted by gradient are spoken by the faster int8 graph."""
+        self._require_loaded()
+        net = getattr(self.backend, "net", None)
+        if net is not None:
+            return net
+        with self._fit_net_lock:
+            if self._fit_net is None:
+                from voiced.engines.kokoro.backends import load_network, torch_device
+
+                assert self._model is not None
+                t0 = time.perf_counter()
+                self._fit_net = load_network(self._model, self._files.sha256, torch_device(self._device_request))
+                log.info("kokoro: torch network for the gradient fit loaded in %.2fs", time.perf_counter() - t0)
+            return self._fit_net
 
     def fitter(self) -> Any:
         """The voice fitter, built (and its calibration embeddings computed) on first use."""

@@ -22,8 +22,9 @@ long-term spectrum is worth more similarity than any style move they allow.
   half. Last (EQ_SHARE of the budget), the pitch of the best candidate is chosen on a few
   sentences, its EQ re-matched on more speech and tuned by gradient ascent through the encoder
   (eqtune.py); both are kept only if they raise the similarity.
-  On the torch backend, ``[engine] options = { fit = "gradient" }`` makes the refined stage
-  instead by gradient through the network, on several views of the speaker (gradfit.py).
+  ``[engine] options = { fit = "gradient" }`` makes the refined stage instead by gradient
+  through the torch network, on several views of the speaker (gradfit.py), whichever backend
+  then speaks the voice.
 
 The budget buys a fixed amount of work (search evaluations, EQ tuning steps: what takes that
 long on a 2-core x86 CPU), not wall-clock time, so a file gives the same voice on every run and
@@ -344,7 +345,7 @@ class StyleFitter:
         Jacobian of embedding w.r.t. style offsets estimated by finite differences and kept up to
         date by Broyden updates; every evaluation yields a 256-d embedding, not just a score,
         which makes it about twice as sample-efficient as an evolution strategy here.
-        ``method="gradient"`` (torch backend only): Adam through the network, see gradfit.py;
+        ``method="gradient"``: Adam through the torch network (``engine.fit_network``), see gradfit.py;
         ``max_evals`` then counts its steps.
         ``reference`` (16 kHz) gives the spectrum to match; without it the one the quick stage
         recorded in its meta is used. ``budget_s`` sets the work (see ``work_for_budget``);
@@ -408,9 +409,7 @@ class StyleFitter:
         """The refine stage by gradient (gradfit.py), from ``previous`` as it is."""
         from voiced.engines.kokoro import gradfit
 
-        net = getattr(self.engine.backend, "net", None)
-        if net is None:
-            raise EngineError("the gradient fit needs the torch backend: [engine] options = { backend = \"torch\" }")
+        net = self.engine.fit_network()
         if ref_bands is None:
             raise EngineError("the gradient fit needs the reference recording")
         steps = gradfit.steps_for_budget(budget) if max_steps is None else max(1, int(max_steps))
