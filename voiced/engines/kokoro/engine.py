@@ -294,6 +294,12 @@ class KokoroEngine(Engine):
         (ps,) = self.phonemize("Hi.")
         tokens = self.tokens(ps)
         self.backend.release(tokens, self._style_row(self.voices[self.default_voice], len(tokens)))
+        # What the backend freed may stay in the C allocator's heap: glibc raises its mmap
+        # threshold after large frees, so after a fit or a long input big buffers come from
+        # the heap, which free() does not return to the system. Trimming it does.
+        from voiced.engines.kokoro.gradfit import give_back_heap
+
+        give_back_heap()
 
     def synthesize(self, text_: str, conditioning: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> Iterator[np.ndarray]:
         """Validate everything eagerly, then return a generator of per-sentence chunks."""
