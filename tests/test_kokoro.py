@@ -107,7 +107,8 @@ def test_pitch_input_is_added_once_and_rebuilt_when_damaged(engines, tmp_path_fa
 def test_torch_weights_are_extracted_once_and_rebuilt_when_damaged(engines, tmp_path_factory, caplog):
     engine = _loaded(engines, "torch", tmp_path_factory)
     assert engine.pitch_control and engine.device == "cpu"
-    (model,) = engine.cache_dir.glob("kokoro-v1.0.int8-*.onnx")
+    model = engine.cache_dir / f"kokoro-v1.0.int8-{engine._files.sha256[:16]}.onnx"  # not its pitch-input copy
+    assert model.is_file()
     (saved,) = engine.cache_dir.glob(f"*-{torchweights.EXTRACT_VERSION}.safetensors")
     digest = saved.with_name(saved.name + ".sha256")
     assert digest.read_text().strip() == sha256_file(saved)
